@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tinylora_kernels",
+    version="0.1.0",
+    description="TinyLoRA adapters on 4-bit NF4 and 16-bit language models: drop-in modules, "
+                "checkpoints, a pure-torch reference and fused Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tinylora_kernels", "tinylora_kernels.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned: the GPU machines run 2.11, CI 2.13. Install torch first where a bare
+    # requirement would pull a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "bitsandbytes>=0.45",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "triton>=3.6"],
+    },
+    entry_points={"console_scripts": ["tinylora-kernels=tinylora_kernels.cli:main"]},
+)

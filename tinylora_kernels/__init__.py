@@ -1,0 +1,35 @@
+"""tinylora_kernels: TinyLoRA adapters on 4-bit (NF4) and 16-bit language models.
+
+A drop-in for the users' ``TinyLoRAGlobalParams`` / ``TinyLoRALinear`` / ``apply_tiny_lora`` that
+computes the adapter factorized, reads and writes their ``tiny_lora_v.pt`` checkpoints, and keeps a
+pure-torch reference of every piece of math as the oracle for the fused kernels.
+
+Importing this package needs neither a GPU nor Triton nor bitsandbytes.
+"""
+
+from .checkpoint import (CheckpointError, TinyLoRACheckpoint, load_tiny_lora, read_checkpoint,
+                         save_tiny_lora)
+from .factors import FactorCache
+from .layers import TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora, tiny_lora_layers
+from .nf4 import NF4Weight, dequantize_nf4
+from .reference import AdapterFactors, adapter_delta, projection_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFactors",
+    "CheckpointError",
+    "FactorCache",
+    "NF4Weight",
+    "TinyLoRACheckpoint",
+    "TinyLoRAGlobalParams",
+    "TinyLoRALinear",
+    "adapter_delta",
+    "apply_tiny_lora",
+    "dequantize_nf4",
+    "load_tiny_lora",
+    "projection_matrix",
+    "read_checkpoint",
+    "save_tiny_lora",
+    "tiny_lora_layers",
+]

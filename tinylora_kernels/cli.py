@@ -1,0 +1,130 @@
+"""``tinylora-kernels`` (also ``python -m tinylora_kernels``).
+
+* ``check`` (the default): build small random models (4-bit NF4 and dense), apply TinyLoRA, and
+  report every available computation path against the float64 formula, as a table. Exits 1 when
+  a path is outside its error budget.
+* ``inspect CKPT``: what a ``tiny_lora_v.pt`` holds and what it needs to be restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _paths() -> List[tuple]:
+    """(name, available, why not) for every computation path this version knows."""
+    return [("reference", True, ""),
+            ("triton", False, "no Triton kernels in this version")]
+
+
+def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
+              progress: bool = False) -> List[dict]:
+    """Evaluate every available path on small random models; one result row per case."""
+    from . import TinyLoRAGlobalParams, apply_tiny_lora, tiny_lora_layers
+    from .testing import layer_truth_and_lowp, reference_error_budget, tiny_qwen2
+
+    kinds = [("qwen2 4-bit nf4 dq", dict(quantized=True, double_quant=True)),
+             ("qwen2 4-bit nf4", dict(quantized=True, double_quant=False,
+                                      compute_dtype=torch.bfloat16)),
+             ("qwen2 dense fp32", dict(quantized=False, dtype=torch.float32))]
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for (label, kwargs), projection in ((k, p) for k in kinds for p in ("full", "diagonal")):
+        try:
+            model = tiny_qwen2(seed=seed, **kwargs)
+        except ImportError as exc:  # no bitsandbytes: check what can be checked
+            results.append({"model": label, "projection": projection, "path": "-", "dtype": "-",
+                            "status": f"not run: {exc}"})
+            continue
+        gp = TinyLoRAGlobalParams(u_dim=13, device="cpu", dtype=torch.float32)
+        torch.manual_seed(seed)
+        apply_tiny_lora(model, gp, projection=projection, progress=progress)
+        with torch.no_grad():
+            gp.global_v.copy_(torch.randn(13, generator=gen) * 0.5)
+        for name, available, why in _paths():
+            for dname in dtypes:
+                dtype = _DTYPES[dname]
+                row = {"model": label, "projection": projection, "path": name, "dtype": dname}
+                if not available:
+                    results.append({**row, "status": f"not run: {why}"})
+                    continue
+                worst, n_layers = None, 0
+                for _, layer in tiny_lora_layers(model):
+                    x = torch.randn(rows, layer.base_layer.in_features, generator=gen).to(dtype)
+                    with torch.no_grad():
+                        y = layer(x)
+                    truth, lowp = layer_truth_and_lowp(layer, x)
+                    err, budget = reference_error_budget(y, lowp, truth)
+                    n_layers += 1
+                    if worst is None or err / budget > worst[0] / worst[1]:
+                        worst = (err, budget)
+                ok = worst[0] <= worst[1]
+                results.append({**row, "layers": n_layers, "max_err": worst[0],
+                                "budget": worst[1], "status": "ok" if ok else "FAIL"})
+    return results
+
+
+def format_table(results: List[dict]) -> str:
+    head = ("model", "projection", "path", "dtype", "layers", "worst err", "budget", "status")
+    lines = []
+    for r in results:
+        lines.append((r["model"], r["projection"], r["path"], r["dtype"], str(r.get("layers", "-")),
+                      f"{r['max_err']:.3e}" if "max_err" in r else "-",
+                      f"{r['budget']:.3e}" if "budget" in r else "-", r["status"]))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinylora-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p_check = sub.add_parser("check", help="every available path vs the float64 formula")
+    p_check.add_argument("--seed", type=int, default=0)
+    p_check.add_argument("--rows", type=int, default=64, help="input rows per layer")
+    p_check.add_argument("--dtypes", default="fp32,fp16,bf16",
+                         help="comma-separated, from fp32, fp16, bf16")
+    p_inspect = sub.add_parser("inspect", help="what a tiny_lora_v.pt holds")
+    p_inspect.add_argument("checkpoint")
+    args = parser.parse_args(argv)
+
+    if args.command == "inspect":
+        from .checkpoint import CheckpointError, read_checkpoint
+
+        try:
+            print(read_checkpoint(args.checkpoint).describe())
+        except (CheckpointError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    seed = getattr(args, "seed", 0)
+    rows = getattr(args, "rows", 64)
+    dtypes = tuple(getattr(args, "dtypes", "fp32,fp16,bf16").split(","))
+    unknown = [d for d in dtypes if d not in _DTYPES]
+    if unknown:
+        parser.error(f"unknown dtype(s) {unknown}; choose from {list(_DTYPES)}")
+    start = time.perf_counter()
+    print(f"tinylora_kernels check: torch {torch.__version__}, device cpu; every path vs a "
+          "float64 evaluation of U diag(S) R Vh (budget: 2x torch's own low-precision error + "
+          "1e-5)", flush=True)
+    results = run_check(seed=seed, rows=rows, dtypes=dtypes)
+    print(format_table(results))
+    failed = [r for r in results if r["status"] == "FAIL"]
+    print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

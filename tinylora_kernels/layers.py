@@ -1,0 +1,305 @@
+"""The drop-in modules: ``TinyLoRAGlobalParams``, ``TinyLoRALinear``, ``apply_tiny_lora``.
+
+Same constructor signatures, buffer names, RNG use, SVD path, target names and replacement order
+as the users' training program (TINYLORA_SPEC.md), so that its code and checkpoints work after
+changing one import line. What differs is how the forward is computed: factorized (never the
+N x K ΔW), with the rank-r products in fp32, and without the bitsandbytes CPU traps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import backend
+from .factors import (RNG_SCHEMES, SVD_METHODS, FactorCache, base_weight_fp32, draw_projections,
+                      is_linear4bit, nf4_of, top_r_svd)
+from .nf4 import restore_canonical_layout
+from .reference import PROJECTIONS, AdapterFactors, adapter_delta, projection_matrix
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TARGET_SUFFIXES", "TinyLoRAGlobalParams", "TinyLoRALinear", "apply_tiny_lora",
+           "find_targets", "tiny_lora_layers"]
+
+#: Child names (suffixes) that ``apply_tiny_lora`` replaces, as in the users' program.
+TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: Every buffer of a TinyLoRA layer is stored in bf16: the function the users trained is fixed by
+#: these bf16 values, so dtype conversions of the model (``.half()``, ``.float()``) leave them be.
+BUFFER_DTYPE = torch.bfloat16
+
+
+class TinyLoRAGlobalParams(nn.Module):
+    """The one trainable vector v (``global_v``, zeros of shape (u_dim,)) shared by every layer.
+
+    Calling the module returns ``global_v``.
+    """
+
+    def __init__(self, u_dim: int = 16, device="cpu", dtype=torch.bfloat16):
+        super().__init__()
+        if isinstance(u_dim, bool) or not isinstance(u_dim, int) or u_dim < 1:
+            raise ValueError(f"u_dim must be a positive int, got {u_dim!r}")
+        self.global_v = nn.Parameter(torch.zeros(u_dim, device=device, dtype=dtype))
+
+    def forward(self) -> torch.Tensor:
+        return self.global_v
+
+
+class TinyLoRALinear(nn.Module):
+    """A frozen linear layer plus ``U diag(S) R Vh``, R from the shared v and this layer's P.
+
+    Args:
+        original_layer: an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (NF4); kept as
+            ``self.base_layer``, frozen.
+        rank: r, the number of singular directions kept (2 in TinyLoRA).
+        u: length of v; defaults to ``len(global_params_ref.global_v)`` and must equal it.
+        global_params_ref: the :class:`TinyLoRAGlobalParams` holding v (required). It is
+            referenced, not registered as a child, so the model lists ``global_v`` once and its
+            ``state_dict`` holds it once.
+        projection: ``"full"`` (P: (u, r, r), R = Σ v_i P_i; S stored as diag(S) r x r, as in the
+            first users' program) or ``"diagonal"`` (P: (u, r) / sqrt(r), R = diag(v P); S stored
+            as a vector, as in the later program).
+        svd: ``"cpu"`` (default, reproduces users' checkpoints) or ``"device"`` (opt-in).
+        factor_cache: a :class:`~tinylora_kernels.factors.FactorCache` (or directory) for the SVD.
+        generator: a private generator for P (the ``per_layer`` RNG scheme); default: the global
+            RNG on the layer's device, as the users' program does.
+
+    Buffers (bf16, on the base layer's device): ``U`` (N x r), ``S`` (r x r or r), ``Vh`` (r x K),
+    ``P``.
+    """
+
+    def __init__(self, original_layer: nn.Module, rank: int = 2, u: Optional[int] = None,
+                 global_params_ref: Optional[TinyLoRAGlobalParams] = None, *,
+                 projection: str = "full", svd: str = "cpu", factor_cache=None,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if global_params_ref is None:
+            raise ValueError("TinyLoRALinear needs global_params_ref, the TinyLoRAGlobalParams "
+                             "holding the shared vector v")
+        if not isinstance(original_layer, nn.Linear):
+            raise TypeError(f"TinyLoRALinear wraps nn.Linear or bitsandbytes Linear4bit layers, "
+                            f"got {type(original_layer).__name__}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        if svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+        v_len = global_params_ref.global_v.shape[0]
+        u = v_len if u is None else u
+        if u != v_len:
+            raise ValueError(f"u={u} but global_params_ref.global_v has {v_len} entries")
+        n, k = original_layer.out_features, original_layer.in_features
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, k):
+            raise ValueError(f"rank must be an int in [1, min(out, in)] = [1, {min(n, k)}] for "
+                             f"this {n} x {k} layer, got {rank!r}")
+
+        self.base_layer = original_layer
+        self.rank, self.u, self.projection, self.svd = rank, u, projection, svd
+        # A plain attribute, not a submodule: see the class docstring.
+        object.__setattr__(self, "global_params_ref", global_params_ref)
+        self.is_quantized = is_linear4bit(original_layer)
+        if self.is_quantized and restore_canonical_layout(original_layer):
+            log.warning("the 4-bit weight had been repacked in place by bitsandbytes' CPU "
+                        "inference path; restored the NF4 layout (its block scales stay rounded "
+                        "to bf16, as that path left them)")
+        for p in original_layer.parameters():
+            p.requires_grad_(False)
+
+        device = original_layer.weight.device
+        if factor_cache is not None and not isinstance(factor_cache, FactorCache):
+            factor_cache = FactorCache(factor_cache)
+        if factor_cache is not None:
+            U, S, Vh = factor_cache.factors(original_layer, rank, svd)
+        else:
+            U, S, Vh = top_r_svd(base_weight_fp32(original_layer), rank, svd)
+        self.register_buffer("U", U.to(device=device, dtype=BUFFER_DTYPE))
+        S = torch.diag(S) if projection == "full" else S
+        self.register_buffer("S", S.to(device=device, dtype=BUFFER_DTYPE))
+        self.register_buffer("Vh", Vh.to(device=device, dtype=BUFFER_DTYPE))
+        self.register_buffer("P", draw_projections(u, rank, projection, device, generator))
+        # How P was drawn; checkpoints record it (see layers' use in checkpoint.py).
+        self.rng_scheme = "global" if generator is None else "per_layer"
+        self.p_device_type = device.type
+        self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
+
+    # -- the factors -------------------------------------------------------------------------
+    def adapter_factors(self) -> AdapterFactors:
+        """A = Vh, B = U diag(S), R from v and P (fp32 where computed)."""
+        v = self.global_params_ref.global_v
+        s = self.S.float()
+        B = self.U.float() @ s if s.dim() == 2 else self.U.float() * s
+        R = projection_matrix(v.to(self.P.device), self.P, self.projection)
+        return AdapterFactors(A=self.Vh, B=B, R=R)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One place decides the path; only the reference path exists in this module.
+        backend.select(x)
+        base, out_dtype = self._base_forward(x)
+        delta = adapter_delta(x, self.adapter_factors())
+        return torch.add(base, delta).to(out_dtype)
+
+    def _base_forward(self, x: torch.Tensor):
+        """(base output, dtype of the layer's output); the output is rounded once, at the end."""
+        layer = self.base_layer
+        if not self.is_quantized:
+            w = layer.weight
+            if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+                # nn.Linear would raise; compute in the weight's dtype, answer in x's.
+                return layer(x.to(w.dtype)), x.dtype
+            base = layer(x)
+            return base, base.dtype
+        return _linear4bit_forward(layer, x), x.dtype
+
+    # -- dtype conversions keep the bf16 buffers -----------------------------------------------
+    def _apply(self, fn, recurse=True):
+        own = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in own.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                # a dtype cast (.half(), .float(), .to(dtype)): keep the values, follow the device
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, u={self.u}, projection={self.projection!r}, "
+                f"quantized={self.is_quantized}")
+
+
+def linear4bit_compute_dtype(layer, x: torch.Tensor) -> torch.dtype:
+    """The dtype a ``Linear4bit`` computes in for x, with bitsandbytes' own (stateful) rule.
+
+    A layer built without a compute dtype adopts the first input's dtype (fp32/bf16) for good.
+    """
+    if not getattr(layer, "compute_type_is_set", True):
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    return layer.compute_dtype or x.dtype
+
+
+def _linear4bit_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """What ``Linear4bit.forward`` computes, minus its CPU traps.
+
+    bitsandbytes' own forward, on CPUs with AVX512-BF16 and in eval mode, repacks the weight in
+    place into a layout only its CPU kernel reads, dies with SIGFPE on 0-row inputs and fails on
+    K % 64 != 0 there. Here the same arithmetic runs on the canonical layout: bitsandbytes'
+    stateful compute-dtype choice, x cast to it, ``bnb.matmul_4bit`` (decode + matmul, the
+    decode repeated in backward rather than kept). The result stays in the compute dtype: the
+    caller adds the adapter and rounds once to x's dtype, the layer's output dtype.
+    """
+    import bitsandbytes as bnb
+
+    compute_dtype = linear4bit_compute_dtype(layer, x)
+    bias = None if layer.bias is None else layer.bias.to(compute_dtype)
+    xc = x.to(compute_dtype)
+    if xc.shape[:-1].numel() == 0:
+        out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
+        return out if bias is None else out + bias
+    nf4_of(layer)  # checks the storage is NF4 in the canonical layout, with a clear error if not
+    return bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+
+
+# -- apply ---------------------------------------------------------------------------------------
+def find_targets(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Module]]:
+    """(parent, child name, child) for every layer ``apply_tiny_lora`` would replace, in order.
+
+    Depth-first over ``named_children`` in registration order; a child whose name ends with one of
+    :data:`TARGET_SUFFIXES` and that is an ``nn.Linear`` (``Linear4bit`` included) is a target and
+    is not searched further; ``lm_head`` never is; anything else is searched.
+    """
+    found = []
+
+    def walk(module):
+        for name, child in module.named_children():
+            if (name != "lm_head" and isinstance(child, nn.Linear)
+                    and not isinstance(child, TinyLoRALinear) and name.endswith(TARGET_SUFFIXES)):
+                found.append((module, name, child))
+            elif not isinstance(child, TinyLoRALinear):
+                walk(child)
+
+    walk(model)
+    return found
+
+
+def tiny_lora_layers(model: nn.Module) -> List[Tuple[str, TinyLoRALinear]]:
+    """(qualified name, layer) of every TinyLoRALinear in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)]
+
+
+def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, rank: int = 2, *,
+                    projection: str = "full", svd: str = "cpu", rng_seed: Optional[int] = None,
+                    factor_cache=None, progress: bool = True) -> int:
+    """Replace every target linear of ``model`` by a :class:`TinyLoRALinear`; return how many.
+
+    ``global_params_ref`` is attached as ``model.tiny_lora_params`` first. P is drawn per layer in
+    replacement order from the global RNG (call ``torch.manual_seed(seed)`` right before, as the
+    users' program does), or, with ``rng_seed``, from a private CPU generator seeded with
+    ``rng_seed + layer index`` (device independent). The SVDs (minutes on a CPU for a 3B model)
+    show a progress bar unless ``progress=False``; ``factor_cache`` (a directory) keeps them for
+    the next run. All layers are built before any is swapped in, so an error leaves the model as
+    it was.
+    """
+    if not isinstance(global_params_ref, TinyLoRAGlobalParams):
+        raise TypeError("global_params_ref must be a TinyLoRAGlobalParams, got "
+                        f"{type(global_params_ref).__name__}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    attached = getattr(model, "tiny_lora_params", None)
+    if attached is not None and attached is not global_params_ref:
+        raise ValueError("model.tiny_lora_params already holds another TinyLoRAGlobalParams; "
+                         "one model shares one v")
+    targets = find_targets(model)
+    if not targets:
+        log.warning("apply_tiny_lora found no layer named %s to replace", "/".join(TARGET_SUFFIXES))
+    if factor_cache is not None and not isinstance(factor_cache, FactorCache):
+        factor_cache = FactorCache(factor_cache)
+    seed = torch.initial_seed() if rng_seed is None else rng_seed
+    fresh = rng_seed is not None or _global_rng_is_fresh(targets, seed)
+
+    from tqdm.auto import tqdm
+
+    built = []
+    for index, (parent, name, child) in enumerate(
+            tqdm(targets, desc="TinyLoRA: SVD of base weights", unit="layer",
+                 disable=not progress or not targets)):
+        gen = None
+        if rng_seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(rng_seed + index)
+        layer = TinyLoRALinear(child, rank, None, global_params_ref, projection=projection,
+                               svd=svd, factor_cache=factor_cache, generator=gen)
+        layer.p_seed = seed if fresh else None
+        built.append((parent, name, layer))
+
+    if attached is None:
+        model.tiny_lora_params = global_params_ref
+    for parent, name, layer in built:
+        setattr(parent, name, layer)
+    return len(built)
+
+
+def _global_rng_is_fresh(targets, seed: int) -> bool:
+    """Whether the generators P will be drawn from sit exactly at ``manual_seed(seed)``.
+
+    Only then does the seed alone reproduce P; checkpoints record it so a wrong seed at save time
+    is caught instead of silently producing a file that restores a different model.
+    """
+    devices = {child.weight.device for _, _, child in targets}
+    try:
+        for dev in devices:
+            if dev.type == "cpu":
+                state = torch.get_rng_state()
+                ref = torch.Generator().manual_seed(seed).get_state()
+            elif dev.type == "cuda":
+                state = torch.cuda.get_rng_state(dev)
+                ref = torch.Generator(device=dev).manual_seed(seed).get_state()
+            else:
+                return False
+            if not torch.equal(state, ref):
+                return False
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,140 @@
+"""The TinyLoRA math in plain torch: the CPU fallback and the oracle every kernel is tested against.
+
+A TinyLoRA layer computes ``y = base(x) + B (R (A x))`` with
+
+* ``A = Vh``            (r x K): top-r right singular vectors of the frozen weight W (N x K);
+* ``B = U diag(S)``     (N x r): top-r left singular vectors scaled by the singular values;
+* ``R``                 (r x r): built from the shared trainable vector v and fixed random P
+  (:func:`projection_matrix`).
+
+Nothing here ever forms the N x K matrix ``B R A``: the delta costs O(M (K + N) r) instead of
+O(M N K), forward and backward. The rank-r products run in fp32 whatever the activation dtype
+(autocast is switched off around them), so this path is at least as exact as the users' program,
+which rounds the whole ΔW to bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight, dequantize_nf4
+
+__all__ = [
+    "PROJECTIONS",
+    "AdapterFactors",
+    "projection_matrix",
+    "adapter_delta",
+    "nf4_linear_reference",
+    "tinylora_linear_reference",
+]
+
+#: The two ways v and P make R. ``full``: P is (u, r, r) and R = sum_i v_i P_i (the paper, the
+#: first users' program, the checkpoint documentation). ``diagonal``: P is (u, r), drawn then
+#: divided by sqrt(r), and R = diag(v @ P) (the later users' program, all known real checkpoints).
+PROJECTIONS = ("full", "diagonal")
+
+
+def projection_matrix(v: torch.Tensor, P: torch.Tensor, projection: str = "full") -> torch.Tensor:
+    """R (r x r, fp32) from the trainable vector v (u,) and the fixed projections P.
+
+    Differentiable in v; the products are formed in fp32 whatever dtype v and P are stored in.
+    """
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    u = v.shape[0]
+    if P.shape[0] != u:
+        raise ValueError(f"P holds {P.shape[0]} projections but v has {u} entries")
+    with torch.autocast(v.device.type, enabled=False):
+        v32 = v.float()
+        if projection == "full":
+            if P.dim() != 3 or P.shape[1] != P.shape[2]:
+                raise ValueError(f"the 'full' projection needs P of shape (u, r, r), got "
+                                 f"{tuple(P.shape)}")
+            r = P.shape[1]
+            return (v32 @ P.float().reshape(u, r * r)).reshape(r, r)
+        if P.dim() != 2:
+            raise ValueError(f"the 'diagonal' projection needs P of shape (u, r), got "
+                             f"{tuple(P.shape)}")
+        return torch.diag(v32 @ P.float())
+
+
+@dataclass(frozen=True)
+class AdapterFactors:
+    """The rank-r adapter of one layer: ``delta(x) = B (R (A x))``.
+
+    Any (A, B, R) triple works (TinyLoRA's, PEFT's, a plain LoRA's with R = I).
+    """
+
+    A: torch.Tensor   # (r, K)
+    B: torch.Tensor   # (N, r)
+    R: torch.Tensor   # (r, r)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def adapter_delta(x: torch.Tensor, f: AdapterFactors) -> torch.Tensor:
+    """``B (R (A x))`` for x of shape (..., K), in fp32, shape (..., N)."""
+    with torch.autocast(x.device.type, enabled=False):
+        ax = x.float() @ f.A.float().t()                  # (..., r)
+        return (ax @ f.R.float().t()) @ f.B.float().t()   # (..., N)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ dequant(W).T + bias`` that decodes W again in backward instead of keeping it.
+
+    Saving the decoded W (N x K) for backward would cost more memory than the quantized model;
+    decoding twice is what bitsandbytes does too. Only x gets a gradient (W is frozen).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Weight, bias, compute_dtype):
+        ctx.w, ctx.compute_dtype = w, compute_dtype
+        return F.linear(x, dequantize_nf4(w, compute_dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(ctx.w, grad_out.dtype)
+        grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def nf4_linear_reference(x: torch.Tensor, w: NF4Weight, bias: Optional[torch.Tensor] = None,
+                         compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The base NF4 matmul as bitsandbytes defines it, in plain torch.
+
+    x is cast to ``compute_dtype`` (default: x's dtype), W decoded to the same dtype, then one
+    ``F.linear``; the result has ``compute_dtype``.
+    """
+    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the NF4 weight expects {w.shape[1]}")
+    x = x.to(compute_dtype)
+    bias = None if bias is None else bias.to(compute_dtype)
+    return _NF4Linear.apply(x, w, bias, compute_dtype)
+
+
+def tinylora_linear_reference(x: torch.Tensor, weight, factors: Optional[AdapterFactors],
+                              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The whole fused problem, ``x W^T + B (R (A x)) + bias``, in plain torch.
+
+    ``weight`` is an :class:`NF4Weight` (decoded to x's dtype, as the kernels' compute dtype) or a
+    dense (N, K) tensor. The base product is in x's dtype, the adapter in fp32, the sum rounded
+    once to x's dtype. This is the contract the fused kernels implement.
+    """
+    if isinstance(weight, NF4Weight):
+        base = nf4_linear_reference(x, weight, bias)
+    else:
+        base = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if factors is None:
+        return base
+    return (base.float() + adapter_delta(x, factors)).to(base.dtype)
