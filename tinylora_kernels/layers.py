@@ -127,10 +127,11 @@ class TinyLoRALinear(nn.Module):
 
     # -- the factors -------------------------------------------------------------------------
     def adapter_factors(self) -> AdapterFactors:
-        """A = Vh, B = U diag(S), R from v and P (fp32 where computed)."""
+        """A = Vh, B = U diag(S), R from v and P (computed in fp32, or float64 for float64 v)."""
         v = self.global_params_ref.global_v
-        s = self.S.float()
-        B = self.U.float() @ s if s.dim() == 2 else self.U.float() * s
+        acc = torch.promote_types(v.dtype, torch.float32)
+        s = self.S.to(acc)
+        B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
         R = projection_matrix(v.to(self.P.device), self.P, self.projection)
         return AdapterFactors(A=self.Vh, B=B, R=R)
 

@@ -41,7 +41,8 @@ PROJECTIONS = ("full", "diagonal")
 def projection_matrix(v: torch.Tensor, P: torch.Tensor, projection: str = "full") -> torch.Tensor:
     """R (r x r, fp32) from the trainable vector v (u,) and the fixed projections P.
 
-    Differentiable in v; the products are formed in fp32 whatever dtype v and P are stored in.
+    Differentiable in v; the products are formed in fp32 (float64 for float64 v) whatever dtype
+    v and P are stored in.
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -49,17 +50,18 @@ def projection_matrix(v: torch.Tensor, P: torch.Tensor, projection: str = "full"
     if P.shape[0] != u:
         raise ValueError(f"P holds {P.shape[0]} projections but v has {u} entries")
     with torch.autocast(v.device.type, enabled=False):
-        v32 = v.float()
+        acc = torch.promote_types(v.dtype, torch.float32)
+        v32 = v.to(acc)
         if projection == "full":
             if P.dim() != 3 or P.shape[1] != P.shape[2]:
                 raise ValueError(f"the 'full' projection needs P of shape (u, r, r), got "
                                  f"{tuple(P.shape)}")
             r = P.shape[1]
-            return (v32 @ P.float().reshape(u, r * r)).reshape(r, r)
+            return (v32 @ P.to(acc).reshape(u, r * r)).reshape(r, r)
         if P.dim() != 2:
             raise ValueError(f"the 'diagonal' projection needs P of shape (u, r), got "
                              f"{tuple(P.shape)}")
-        return torch.diag(v32 @ P.float())
+        return torch.diag(v32 @ P.to(acc))
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,11 @@ class AdapterFactors:
 
 
 def adapter_delta(x: torch.Tensor, f: AdapterFactors) -> torch.Tensor:
-    """``B (R (A x))`` for x of shape (..., K), in fp32, shape (..., N)."""
+    """``B (R (A x))`` for x of shape (..., K), shape (..., N), in fp32 (float64 for float64 x)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        ax = x.float() @ f.A.float().t()                  # (..., r)
-        return (ax @ f.R.float().t()) @ f.B.float().t()   # (..., N)
+        ax = x.to(acc) @ f.A.to(acc).t()                    # (..., r)
+        return (ax @ f.R.to(acc).t()) @ f.B.to(acc).t()     # (..., N)
 
 
 class _NF4Linear(torch.autograd.Function):

@@ -1,0 +1,57 @@
+import warnings
+
+import pytest
+import torch
+
+try:
+    import bitsandbytes as bnb  # noqa: F401
+    import bitsandbytes.functional as bnbF
+    HAS_BNB = True
+except Exception:  # pragma: no cover - bitsandbytes is a dependency, but keep the CPU tier alive
+    HAS_BNB = False
+
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+
+warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+
+def make_linear4bit(n, k, *, bias=True, double_quant=True, compute_dtype=torch.float16,
+                    quant_storage=torch.uint8, seed=0, weight=None):
+    """A bitsandbytes Linear4bit (NF4) with a random weight, quantized on the CPU.
+
+    Returns (layer, the float32 weight it was quantized from)."""
+    g = torch.Generator().manual_seed(seed)
+    w = weight if weight is not None else (
+        torch.randn(n, k, generator=g) * 0.05
+        + torch.randn(n, 1, generator=g) @ torch.randn(1, k, generator=g) * 0.05)
+    layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type="nf4",
+                              quant_storage=quant_storage)
+    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant,
+                                     quant_storage=quant_storage).to("cpu")
+    if bias:
+        with torch.no_grad():
+            layer.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return layer, w
+
+
+def make_linear(n, k, *, bias=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=g) * 0.05
+                           + torch.randn(n, 1, generator=g) @ torch.randn(1, k, generator=g) * 0.05)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return layer.to(dtype)
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test, seeded from the test's node id (different per case)."""
+    import zlib
+
+    import os
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,119 @@
+"""The factorized math: equal to the float64 ΔW formula, differentiable in x and v, never N x K."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import make_linear
+from tinylora_kernels import TinyLoRAGlobalParams, TinyLoRALinear
+from tinylora_kernels.reference import AdapterFactors, adapter_delta, projection_matrix
+from tinylora_kernels.testing import tinylora_f64
+
+
+@pytest.mark.parametrize("projection", ["full", "diagonal"])
+def test_projection_matrix(projection, rng):
+    u, r = 7, 3
+    v = torch.randn(u, generator=rng)
+    P = torch.randn((u, r, r) if projection == "full" else (u, r), generator=rng)
+    R = projection_matrix(v, P, projection)
+    expected = (torch.einsum("u,urs->rs", v.double(), P.double()) if projection == "full"
+                else torch.diag(v.double() @ P.double()))
+    torch.testing.assert_close(R.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_projection_shape_errors():
+    with pytest.raises(ValueError, match="'full' projection needs P of shape"):
+        projection_matrix(torch.zeros(4), torch.zeros(4, 2), "full")
+    with pytest.raises(ValueError, match="4 entries"):
+        projection_matrix(torch.zeros(4), torch.zeros(5, 2, 2), "full")
+    with pytest.raises(ValueError, match="projection must be one of"):
+        projection_matrix(torch.zeros(4), torch.zeros(4, 2), "sideways")
+
+
+@pytest.mark.parametrize("projection", ["full", "diagonal"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_gradcheck_float64_x_and_v(projection, bias, rng):
+    base = make_linear(9, 11, bias=bias, dtype=torch.float64)
+    gp = TinyLoRAGlobalParams(u_dim=5, dtype=torch.float64)
+    layer = TinyLoRALinear(base, rank=3, global_params_ref=gp, projection=projection)
+    holder = torch.nn.ModuleDict({"gp": gp, "layer": layer})
+    x = torch.randn(2, 4, 11, generator=rng, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(5, generator=rng, dtype=torch.float64, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda x, v: _call(holder, x, v), (x, v))
+
+
+def _call(holder, x, v):
+    """The layer's forward with v substituted (v is a module parameter, gradcheck needs an input)."""
+    gp, layer = holder["gp"], holder["layer"]
+    saved = gp.global_v
+    try:
+        del gp.global_v
+        gp.global_v = v
+        return layer(x)
+    finally:
+        del gp.global_v
+        gp.global_v = saved
+
+
+def test_adapter_delta_fp32_for_low_precision_inputs(rng):
+    x = torch.randn(6, 10, generator=rng).to(torch.bfloat16)
+    A = torch.randn(2, 10, generator=rng)
+    B = torch.randn(8, 2, generator=rng)
+    R = torch.randn(2, 2, generator=rng)
+    got = adapter_delta(x, AdapterFactors(A=A, B=B, R=R))
+    expected = x.double() @ (B.double() @ R.double() @ A.double()).T
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+class _RecordShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and not func.is_view:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("projection", ["full", "diagonal"])
+def test_no_out_by_in_tensor_forward_or_backward(projection):
+    n, k = 48, 40
+    base = make_linear(n, k)
+    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
+    layer = TinyLoRALinear(base, global_params_ref=gp, projection=projection)
+    x = torch.randn(5, k, requires_grad=True)
+    with _RecordShapes() as rec:
+        layer(x).sum().backward()
+    big = [(f, s) for f, s in rec.shapes if s in ((n, k), (k, n))]
+    assert not big, f"an out x in tensor was formed: {big}"
+    assert gp.global_v.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("projection", ["full", "diagonal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_factorized_forward_vs_float64_formula(projection, dtype, rng):
+    base = make_linear(37, 29, dtype=dtype)
+    gp = TinyLoRAGlobalParams(u_dim=11, dtype=torch.float32)
+    layer = TinyLoRALinear(base, global_params_ref=gp, projection=projection)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(11, generator=rng))
+    x = torch.randn(3, 5, 29, generator=rng).to(dtype)
+    y = layer(x)
+    truth = tinylora_f64(x, base.weight, layer.U, layer.S, layer.Vh, layer.P, gp.global_v,
+                         projection, base.bias)
+    # torch's own computation in this dtype, ΔW formed (the users' program)
+    S = layer.S.to(dtype)
+    S = S if S.dim() == 2 else torch.diag(S)
+    R = (torch.einsum("u,urs->rs", gp.global_v.to(dtype), layer.P.to(dtype)) if projection == "full"
+         else torch.diag(gp.global_v.to(dtype) @ layer.P.to(dtype)))
+    lowp = base(x) + x @ (layer.U.to(dtype) @ S @ R @ layer.Vh.to(dtype)).T
+    err = (y.double() - truth).abs().max().item()
+    budget = 2 * (lowp.double() - truth).abs().max().item() + 1e-5
+    assert y.dtype == dtype and y.shape == (3, 5, 37)
+    assert err <= budget, f"error {err:.3e} > budget {budget:.3e}"
