@@ -26,8 +26,8 @@ def test_check_results_are_computed(monkeypatch):
     # a deliberately wrong forward must be caught by the check
     from tinylora_kernels import layers
 
-    real = layers.adapter_delta
-    monkeypatch.setattr(layers, "adapter_delta", lambda x, f: real(x, f) * 1.5)
+    real = layers.add_adapter
+    monkeypatch.setattr(layers, "add_adapter", lambda base, x, f, d: real(base * 1.01, x, f, d))
     results = run_check(rows=8, dtypes=("fp32",))
     assert any(r["status"] == "FAIL" for r in results)
 

@@ -18,7 +18,7 @@ from . import backend
 from .factors import (RNG_SCHEMES, SVD_METHODS, FactorCache, base_weight_fp32, draw_projections,
                       is_linear4bit, nf4_of, top_r_svd)
 from .nf4 import restore_canonical_layout
-from .reference import PROJECTIONS, AdapterFactors, adapter_delta, projection_matrix
+from .reference import PROJECTIONS, AdapterFactors, add_adapter, projection_matrix
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ class TinyLoRALinear(nn.Module):
         # One place decides the path; only the reference path exists in this module.
         backend.select(x)
         base, out_dtype = self._base_forward(x)
-        delta = adapter_delta(x, self.adapter_factors())
-        return torch.add(base, delta).to(out_dtype)
+        return add_adapter(base, x, self.adapter_factors(), out_dtype)
 
     def _base_forward(self, x: torch.Tensor):
         """(base output, dtype of the layer's output); the output is rounded once, at the end."""

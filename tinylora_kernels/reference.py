@@ -28,6 +28,7 @@ __all__ = [
     "AdapterFactors",
     "projection_matrix",
     "adapter_delta",
+    "add_adapter",
     "nf4_linear_reference",
     "tinylora_linear_reference",
 ]
@@ -88,6 +89,80 @@ def adapter_delta(x: torch.Tensor, f: AdapterFactors) -> torch.Tensor:
         return (ax @ f.R.to(acc).t()) @ f.B.to(acc).t()     # (..., N)
 
 
+#: Elements of fp32 scratch per row block when adding the adapter on a CPU (1 MB: L2-sized).
+_CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+class _AddAdapter(torch.autograd.Function):
+    """``out = round(base + B (R (A x)))``: the rank-r term added to a base output, one rounding.
+
+    Shapes: x (M, K), base (M, N), A (r, K), B (N, r), R (r, r); products in fp32 (float64 for
+    float64 x). With ``ax = x Aᵀ`` (M, r), ``z = ax Rᵀ`` and ``out = base + z Bᵀ``, the chain rule
+    for an upstream gradient g (M, N) gives, with ``gb = g B`` (M, r):
+
+    * d base = g;
+    * d x = (gb R) A                     (M, K)   -- never through an N x K matrix;
+    * d R = gbᵀ ax                       (r, r)   -- then autograd takes it on to v;
+    * d A = (gb R)ᵀ x, d B = gᵀ z        (only when A or B require grad, e.g. PEFT-style factors).
+
+    Only ``ax`` (M x r) is saved besides the small factors; x is kept only for d A.
+    """
+
+    @staticmethod
+    def forward(ctx, base, x, A, B, R, out_dtype):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        n, k = base.shape[-1], x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, k).to(acc)
+            ax = x2 @ A.to(acc).t()
+            z = ax @ R.to(acc).t()
+            base2, bt = base.reshape(-1, n), B.to(acc).t()
+            rows = base2.shape[0]
+            step = max(1, _CPU_CHUNK_ELEMENTS // max(n, 1))
+            if base2.device.type != "cpu" or rows <= step or base2.dtype == acc == out_dtype:
+                out = torch.addmm(base2.to(acc), z, bt).to(out_dtype)
+            else:
+                # the fp32 temporary of a whole (M, N) output does not fit in cache on a CPU;
+                # row blocks of ~1 MB do (2x faster at 512 x 11008, same bits)
+                out = torch.empty(rows, n, dtype=out_dtype, device=base2.device)
+                for i in range(0, rows, step):
+                    out[i:i + step] = torch.addmm(base2[i:i + step].to(acc), z[i:i + step], bt)
+        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        ctx.save_for_backward(ax, A, B, R, x2 if need_a else None, z if need_b else None)
+        ctx.meta = (base.dtype, x.dtype, x.shape)
+        return out.view(base.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        ax, A, B, R, x2, z = ctx.saved_tensors
+        base_dtype, x_dtype, x_shape = ctx.meta
+        acc = ax.dtype
+        n = g.shape[-1]
+        with torch.autocast(g.device.type, enabled=False):
+            g2 = g.reshape(-1, n).to(acc)
+            gb = g2 @ B.to(acc)                                   # (M, r)
+            gbr = gb @ R.to(acc)                                  # (M, r)
+            grad_base = g.to(base_dtype) if ctx.needs_input_grad[0] else None
+            grad_x = None
+            if ctx.needs_input_grad[1]:
+                grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype)
+            grad_a = (gbr.t() @ x2).to(A.dtype) if ctx.needs_input_grad[2] else None
+            grad_b = (g2.t() @ z).to(B.dtype) if ctx.needs_input_grad[3] else None
+            grad_r = (gb.t() @ ax).to(R.dtype) if ctx.needs_input_grad[4] else None
+        return grad_base, grad_x, grad_a, grad_b, grad_r, None
+
+
+def add_adapter(base: torch.Tensor, x: torch.Tensor, f: AdapterFactors,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``base + B (R (A x))``, accumulated in fp32 (float64 for float64 x), rounded once.
+
+    ``base`` (..., N) is the base layer's output for x (..., K); the result has ``out_dtype``
+    (default: base's). One pass over the output (``addmm``), forward and backward.
+    """
+    out_dtype = base.dtype if out_dtype is None else out_dtype
+    return _AddAdapter.apply(base, x, f.A, f.B, f.R, out_dtype)
+
+
 class _NF4Linear(torch.autograd.Function):
     """``x @ dequant(W).T + bias`` that decodes W again in backward instead of keeping it.
 
@@ -140,4 +215,4 @@ def tinylora_linear_reference(x: torch.Tensor, weight, factors: Optional[Adapter
         base = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     if factors is None:
         return base
-    return (base.float() + adapter_delta(x, factors)).to(base.dtype)
+    return add_adapter(base, x, factors)
