@@ -92,9 +92,10 @@ def draw_projections(u: int, rank: int, projection: str, device: torch.device,
     return P
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
     t = t.detach().contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def weight_fingerprint(layer) -> str:
