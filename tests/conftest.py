@@ -1,3 +1,13 @@
+import os
+
+# Triton kernels run on the CPU only through Triton's interpreter, which must be chosen before
+# triton is imported: without a GPU, the kernel tests run interpreted.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import warnings
 
 import pytest
@@ -11,6 +21,19 @@ except Exception:  # pragma: no cover - bitsandbytes is a dependency, but keep t
     HAS_BNB = False
 
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:
+    HAS_TRITON = False
+
+CUDA = torch.cuda.is_available()
+#: the device kernel tests run on: CUDA when there is one, else the CPU through the interpreter
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON or not (CUDA or os.environ.get(
+    "TRITON_INTERPRET") == "1"), reason="needs Triton and a GPU, or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 

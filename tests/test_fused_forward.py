@@ -1,0 +1,221 @@
+"""The fused Triton forward vs a float64 evaluation, under the interpreter (CPU) or on a GPU.
+
+Rule: the kernel's error against float64 is at most twice the reference path's own error in the
+same dtype, plus a small atol. Every case draws fresh inputs and writes into a NaN-poisoned output.
+"""
+
+import os
+
+import pytest
+import torch
+
+from conftest import CUDA, HAS_BNB, KERNEL_DEVICE, make_linear, make_linear4bit, needs_bnb, \
+    needs_triton
+from tinylora_kernels import TinyLoRAGlobalParams, TinyLoRALinear
+from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
+from tinylora_kernels.reference import AdapterFactors, tinylora_linear_reference
+
+if HAS_BNB:
+    import bitsandbytes.functional as bnbF
+
+pytestmark = needs_triton
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+if CUDA:
+    DTYPES["bf16"] = torch.bfloat16     # the interpreter mishandles bf16 tl.dot
+ATOL = 1e-4
+
+
+def _nf4(n, k, double_quant, rng):
+    w = torch.randn(n, k, generator=rng) * 0.05
+    packed, qs = bnbF.quantize_4bit(w.to(KERNEL_DEVICE), quant_type="nf4",
+                                    compress_statistics=double_quant, blocksize=64)
+    return NF4Weight.from_quant_state(packed, qs)
+
+
+def _factors(n, k, rank, rng, device=KERNEL_DEVICE):
+    return AdapterFactors(A=(torch.randn(rank, k, generator=rng) / k ** 0.5).bfloat16().to(device),
+                          B=torch.randn(n, rank, generator=rng).to(device),
+                          R=torch.randn(rank, rank, generator=rng).to(device))
+
+
+def _f64(x, W, factors, bias):
+    y = x.double() @ W.double().T
+    if factors is not None:
+        y += ((x.double() @ factors.A.double().T) @ factors.R.double().T) @ factors.B.double().T
+    return y if bias is None else y + bias.double()
+
+
+def _poisoned(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+
+
+def _assert_within(y, y_ref, truth):
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) outputs remain"
+    err = (y.double() - truth).abs().max().item()
+    ref_err = (y_ref.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + ATOL, f"kernel error {err:.3e} > 2 x reference {ref_err:.3e} + atol"
+
+
+@needs_bnb
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 3, 17, 65])
+def test_nf4_fused_forward(m, dtype, double_quant, adapter, bias, rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    n, k, dt = 70, 192, DTYPES[dtype]          # N fits no tile, K = 64 * 3
+    w = _nf4(n, k, double_quant, rng)
+    x = torch.randn(m, k, generator=rng).to(dt).to(KERNEL_DEVICE)
+    f = _factors(n, k, 2, rng) if adapter else None
+    b = torch.randn(n, generator=rng).to(KERNEL_DEVICE) if bias else None
+    out = _poisoned(m, n, dt)
+    y = fused_linear(x, w, b, f, out=out)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dt
+    W = dequantize_nf4(w, torch.float32)
+    _assert_within(y, tinylora_linear_reference(x, w, f, b), _f64(x, W, f, b))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 17, 65])
+def test_dense_fused_forward(m, dtype, adapter, bias, rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    n, k, dt = 90, 320, DTYPES[dtype]          # K = 64 * 5
+    W = (torch.randn(n, k, generator=rng) * 0.05).to(dt).to(KERNEL_DEVICE)
+    x = torch.randn(m, k, generator=rng).to(dt).to(KERNEL_DEVICE)
+    f = _factors(n, k, 2, rng) if adapter else None
+    b = torch.randn(n, generator=rng).to(KERNEL_DEVICE) if bias else None
+    y = fused_linear(x, W, b, f, out=_poisoned(m, n, dt))
+    _assert_within(y, tinylora_linear_reference(x, W, f, b), _f64(x, W, f, b))
+
+
+@needs_bnb
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_other_ranks_and_stored_ax(rank, rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    n, k, m = 50, 128, 5
+    w = _nf4(n, k, True, rng)
+    x = torch.randn(m, k, generator=rng).to(torch.float16).to(KERNEL_DEVICE)
+    f = _factors(n, k, rank, rng)
+    y, ax = fused_linear(x, w, None, f, store_ax=True)
+    assert ax.shape == (m, rank) and ax.dtype == torch.float32
+    torch.testing.assert_close(ax.double(), x.double() @ f.A.double().T, rtol=1e-3, atol=1e-3)
+    W = dequantize_nf4(w, torch.float32)
+    _assert_within(y, tinylora_linear_reference(x, w, f, None), _f64(x, W, f, None))
+
+
+def test_three_d_and_non_contiguous_input(rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    n, k = 40, 128
+    W = (torch.randn(n, k, generator=rng) * 0.05).to(KERNEL_DEVICE)
+    x = torch.randn(2, k, 3, generator=rng).to(KERNEL_DEVICE).transpose(1, 2)   # (2, 3, k)
+    assert not x.is_contiguous()
+    f = _factors(n, k, 2, rng)
+    y = fused_linear(x, W, None, f)
+    assert y.shape == (2, 3, n)
+    torch.testing.assert_close(y, fused_linear(x.contiguous(), W, None, f), rtol=0, atol=0)
+
+
+def test_zero_rows(rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    W = torch.randn(8, 64, generator=rng).to(KERNEL_DEVICE)
+    y = fused_linear(torch.empty(0, 64, device=KERNEL_DEVICE), W, None, _factors(8, 64, 2, rng))
+    assert y.shape == (0, 8)
+
+
+@needs_bnb
+def test_launcher_says_what_is_wrong(rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    w = _nf4(16, 128, True, rng)
+    x = torch.randn(2, 128, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="130 features"):
+        fused_linear(torch.randn(2, 130, device=KERNEL_DEVICE), w)
+    with pytest.raises(ValueError, match="unsupported activation dtype"):
+        fused_linear(x.to(torch.int32), w)
+    with pytest.raises(ValueError, match="adapter shapes"):
+        fused_linear(x, w, None, _factors(16, 64, 2, rng))
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear(x, w, torch.zeros(3, device=KERNEL_DEVICE))
+    odd = _nf4(16, 100, True, rng)
+    with pytest.raises(ValueError, match="not a multiple of the NF4 block"):
+        fused_linear(torch.randn(2, 100, device=KERNEL_DEVICE), odd)
+    with pytest.raises(ValueError, match="out must be"):
+        fused_linear(x, w, out=torch.empty(3, 16, device=KERNEL_DEVICE))
+    if not CUDA:
+        os.environ.pop("TRITON_INTERPRET")
+        try:
+            with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+                fused_linear(x, w)
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+# -- through the drop-in layer ------------------------------------------------------------------
+def _layer(kind, rng):
+    if kind == "dense-fp32":
+        base = make_linear(70, 192)
+    elif kind == "dense-fp16":
+        base = make_linear(70, 192, dtype=torch.float16)
+    else:
+        base = make_linear4bit(70, 192, compute_dtype=torch.float16,
+                               double_quant=kind.endswith("dq"))[0]
+    gp = TinyLoRAGlobalParams(u_dim=7, dtype=torch.float32)
+    layer = TinyLoRALinear(base, global_params_ref=gp)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(7, generator=rng))
+    layer.to(KERNEL_DEVICE)
+    gp.to(KERNEL_DEVICE)
+    return layer, gp
+
+
+KINDS = ["dense-fp32", "dense-fp16"] + (["nf4-dq", "nf4"] if HAS_BNB else [])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("xdtype", ["fp16", "fp32"])
+def test_layer_forward_and_backward_through_the_kernel(kind, xdtype, rng, monkeypatch):
+    layer, gp = _layer(kind, rng)
+    x = torch.randn(2, 9, 192, generator=rng).to(DTYPES[xdtype]).to(KERNEL_DEVICE)
+    g = torch.randn(2, 9, 70, generator=rng).to(KERNEL_DEVICE)
+
+    def run(backend):
+        monkeypatch.setenv("TINYLORA_BACKEND", backend)
+        xi = x.clone().requires_grad_(True)
+        gp.global_v.grad = None
+        y = layer(xi)
+        y.backward(g.to(y.dtype))
+        return y.detach(), xi.grad, gp.global_v.grad.clone()
+
+    y_k, gx_k, gv_k = run("triton")
+    y_r, gx_r, gv_r = run("reference")
+    assert y_k.dtype == y_r.dtype and y_k.shape == y_r.shape
+    from tinylora_kernels.testing import layer_truth_and_lowp
+
+    truth, _ = layer_truth_and_lowp(layer, x)
+    _assert_within(y_k, y_r, truth)
+    torch.testing.assert_close(gx_k.float(), gx_r.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gv_k, gv_r, rtol=2e-2, atol=2e-2 * gv_r.abs().max().item())
+
+
+def test_forced_triton_refuses_with_the_reason(rng, monkeypatch):
+    if not HAS_BNB:
+        pytest.skip("bitsandbytes not installed")
+    base = make_linear4bit(32, 100)[0]                    # K not a multiple of 64
+    gp = TinyLoRAGlobalParams(u_dim=3)
+    layer = TinyLoRALinear(base, global_params_ref=gp).to(KERNEL_DEVICE)
+    gp.to(KERNEL_DEVICE)
+    x = torch.randn(2, 100, device=KERNEL_DEVICE)
+    monkeypatch.setenv("TINYLORA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="not a multiple of the NF4 block"):
+        layer(x)
+    monkeypatch.setenv("TINYLORA_BACKEND", "auto")
+    assert layer(x).shape == (2, 32)           # auto routes it to the reference path
