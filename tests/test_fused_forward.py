@@ -169,7 +169,8 @@ def _layer(kind, rng):
         base = make_linear4bit(70, 192, compute_dtype=torch.float16,
                                double_quant=kind.endswith("dq"))[0]
     gp = TinyLoRAGlobalParams(u_dim=7, dtype=torch.float32)
-    layer = TinyLoRALinear(base, global_params_ref=gp)
+    layer = TinyLoRALinear(base, global_params_ref=gp,
+                           generator=torch.Generator().manual_seed(rng.initial_seed()))
     with torch.no_grad():
         gp.global_v.copy_(torch.randn(7, generator=rng))
     layer.to(KERNEL_DEVICE)
@@ -200,7 +201,10 @@ def test_layer_forward_and_backward_through_the_kernel(kind, xdtype, rng, monkey
     assert y_k.dtype == y_r.dtype and y_k.shape == y_r.shape
     from tinylora_kernels.testing import layer_truth_and_lowp
 
-    truth, _ = layer_truth_and_lowp(layer, x)
+    # both paths compute the base product on x rounded to the layer's compute dtype (fp16 for
+    # the fp16 layers); the kernel feeds that same x to the adapter, so judge both on it
+    compute = torch.float32 if kind == "dense-fp32" else torch.float16
+    truth, _ = layer_truth_and_lowp(layer, x.to(compute))
     _assert_within(y_k, y_r, truth)
     torch.testing.assert_close(gx_k.float(), gx_r.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gv_k, gv_r, rtol=2e-2, atol=2e-2 * gv_r.abs().max().item())
