@@ -1,10 +1,13 @@
 """GPU: the fused NF4 + TinyLoRA forward against the floor and the peers, one run, one card.
 
 Qwen2.5-Coder-3B linear shapes (q/o 2048x2048, k/v 256x2048, gate/up 11008x2048,
-down 2048x11008), M in {1, 16, 4096} by default, bf16 activations, random data. Providers:
+down 2048x11008), M in {1, 16, 64, 256, 4096} by default, bf16 activations, random data.
+Providers:
 
-* ``fused``: our kernel, NF4 weight + adapter in one launch;
+* ``fused``: the fused kernel, NF4 weight + adapter in one launch;
 * ``fused_noadapter``: the same kernel with the adapter compiled out (PERF_TARGETS T8);
+* ``deq_cublas``: decode W to a bf16 scratch, one cuBLAS GEMM with the adapter as extra K
+  columns; ``deq_cublas_noadapter``: the same without the adapter;
 * ``bnb_base``: bitsandbytes ``matmul_4bit`` alone (its own dispatch), no adapter;
 * ``bnb_peft``: bitsandbytes + the factorized adapter in plain torch (PEFT-style);
 * ``dense_bf16``: ``F.linear`` on the unquantized bf16 weight (cuBLAS), no adapter.
@@ -29,7 +32,8 @@ import triton
 from triton.testing import do_bench
 
 from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
-from tinylora_kernels.ops.fused_linear import fused_linear, pick_config
+from tinylora_kernels.ops.fused_linear import (dequant_cublas_linear, forward_path, fused_linear,
+                                               pick_config)
 from tinylora_kernels.reference import AdapterFactors
 
 SHAPES_3B = {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (11008, 2048),
@@ -71,9 +75,12 @@ def run_case(name, n, k, m, gen, cap):
 
     w, packed, qs, nf4, x, f = make_case(n, k, m, gen)
     A, B, R = f.A, f.B.to(torch.bfloat16), f.R.to(torch.bfloat16)
+    bf = torch.bfloat16
     providers = {
         "fused": lambda: fused_linear(x, nf4, None, f),
         "fused_noadapter": lambda: fused_linear(x, nf4, None, None),
+        "deq_cublas": lambda: dequant_cublas_linear(x, nf4, None, f, out_dtype=bf),
+        "deq_cublas_noadapter": lambda: dequant_cublas_linear(x, nf4, None, None, out_dtype=bf),
         "bnb_base": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs),
         "bnb_peft": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)
         + ((x @ A.t()) @ R.t()) @ B.t(),
@@ -83,17 +90,16 @@ def run_case(name, n, k, m, gen, cap):
     W64 = dequantize_nf4(nf4, torch.float64)          # the exact fp32 products
     x64 = x.double()
     truth = x64 @ W64.T + ((x64 @ f.A.double().T) @ f.R.double().T) @ f.B.double().T
-    lowp = providers["bnb_peft"]()
-    y = providers["fused"]()
-    err = (y.double() - truth).abs().max().item()
-    lowp_err = (lowp.double() - truth).abs().max().item()
+    lowp_err = (providers["bnb_peft"]().double() - truth).abs().max().item()
+    errs = {p: (providers[p]().double() - truth).abs().max().item()
+            for p in ("fused", "deq_cublas")}
 
     nbytes = n * k * NF4_BYTES_PER_WEIGHT + 2 * m * (k + n)
     flops = 2 * m * n * k
     floor_us = max(nbytes / (cap["copy_GBps"] * 1e3), flops / (cap["bf16_TFLOPs"] * 1e6))
     row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us,
-           "config": pick_config(m, n, k).__dict__,
-           "fused_max_err": err, "bnb_peft_max_err": lowp_err, "times": {}}
+           "config": pick_config(m, n, k).__dict__, "auto_path": forward_path(m, n, k),
+           "max_err": errs, "bnb_peft_max_err": lowp_err, "times": {}}
     for pname, fn in providers.items():
         row["times"][pname] = bench(fn)
     return row
@@ -133,37 +139,41 @@ def environment():
 
 
 def table(data) -> str:
-    cols = ["fused", "fused_noadapter", "bnb_base", "bnb_peft", "dense_bf16"]
+    cols = ["fused", "fused_noadapter", "deq_cublas", "deq_cublas_noadapter", "bnb_base",
+            "bnb_peft", "dense_bf16"]
     lines = ["| shape | M | floor µs | " + " | ".join(f"{c} µs" for c in cols)
-             + " | fused/floor | bnb_peft/fused | bnb_base/fused | fused/dense | adapter cost |",
-             "|---|---|---|" + "---|" * (len(cols) + 5)]
+             + " | best | best/floor | bnb_peft/best | bnb_base/best | best/dense | adapter cost |",
+             "|---|---|---|" + "---|" * (len(cols) + 6)]
     for r in data["cases"]:
         t = {c: r["times"][c]["median_us"] for c in cols}
+        best = min(("fused", "deq_cublas"), key=lambda c: t[c])
         lines.append(
             f"| {r['shape']} | {r['M']} | {r['floor_us']:.1f} | "
             + " | ".join(f"{t[c]:.1f}" for c in cols)
-            + f" | {t['fused'] / r['floor_us']:.2f} | {t['bnb_peft'] / t['fused']:.2f} | "
-              f"{t['bnb_base'] / t['fused']:.2f} | {t['fused'] / t['dense_bf16']:.2f} | "
-              f"{100 * (t['fused'] / t['fused_noadapter'] - 1):+.1f}% |")
+            + f" | {best} | {t[best] / r['floor_us']:.2f} | {t['bnb_peft'] / t[best]:.2f} | "
+              f"{t['bnb_base'] / t[best]:.2f} | {t[best] / t['dense_bf16']:.2f} | "
+              f"{100 * (t[best] / t[best + ('_noadapter')] - 1):+.1f}% |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", default="1,16,4096")
+    ap.add_argument("--m", default="1,16,64,256,4096")
     ap.add_argument("--out", default="benchmarks/results/gpu_forward.json")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     cap = ceilings()
     data = {"env": environment(), "ceilings": cap, "cases": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(json.dumps(data["env"]), json.dumps(cap), flush=True)
     for m in (int(v) for v in args.m.split(",")):
         for name, (n, k) in SHAPES_3B.items():
             row = run_case(name, n, k, m, gen, cap)
             data["cases"].append(row)
-            print(f"{name} M={m}: fused {row['times']['fused']['median_us']:.1f} us, err "
-                  f"{row['fused_max_err']:.2e} (bnb+torch {row['bnb_peft_max_err']:.2e})",
-                  flush=True)
+            Path(args.out).write_text(json.dumps(data, indent=1))   # keep what is done
+            print(f"{name} M={m}: fused {row['times']['fused']['median_us']:.1f} us, "
+                  f"deq_cublas {row['times']['deq_cublas']['median_us']:.1f} us, errors "
+                  f"{row['max_err']} (bnb+torch {row['bnb_peft_max_err']:.2e})", flush=True)
     data["cuda_graph"] = graph_check(gen)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1))

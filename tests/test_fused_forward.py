@@ -223,3 +223,54 @@ def test_forced_triton_refuses_with_the_reason(rng, monkeypatch):
         layer(x)
     monkeypatch.setenv("TINYLORA_BACKEND", "auto")
     assert layer(x).shape == (2, 32)           # auto routes it to the reference path
+
+
+# -- the prefill path: decode once, cuBLAS (or torch on the CPU) for the product ---------------
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_triton_decode_is_bit_exact(double_quant, dtype, rng):
+    from tinylora_kernels.ops.fused_linear import dequantize_nf4_triton
+
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("the interpreter does not round to bf16 to nearest; checked on a GPU")
+
+    w = _nf4(45, 320, double_quant, rng)
+    out = torch.full((45, 320 + 16), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    dequantize_nf4_triton(w, dtype, out=out)
+    assert torch.equal(out[:, :320], dequantize_nf4(w, dtype))
+    assert torch.isnan(out[:, 320:]).all(), "wrote past the K columns it was given"
+
+
+@needs_bnb
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_dequant_cublas_path(dtype, adapter, bias, rng):
+    from tinylora_kernels.ops.fused_linear import dequant_cublas_linear
+
+    n, k, m, dt = 70, 192, 33, DTYPES[dtype]
+    w = _nf4(n, k, True, rng)
+    x = torch.randn(3, m, k, generator=rng).to(dt).to(KERNEL_DEVICE)
+    f = _factors(n, k, 3, rng) if adapter else None
+    b = torch.randn(n, generator=rng).to(KERNEL_DEVICE) if bias else None
+    y, ax = dequant_cublas_linear(x, w, b, f, out_dtype=dt, store_ax=True)
+    assert y.shape == (3, m, n) and y.dtype == dt
+    W = dequantize_nf4(w, torch.float32)
+    _assert_within(y, tinylora_linear_reference(x, w, f, b), _f64(x, W, f, b))
+    if adapter:
+        torch.testing.assert_close(ax.double(), x.reshape(-1, k).double() @ f.A.double().T,
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_layer_inference_without_grad(rng, monkeypatch):
+    layer, gp = _layer("dense-fp32", rng)
+    x = torch.randn(4, 192, generator=rng).to(KERNEL_DEVICE)
+    monkeypatch.setenv("TINYLORA_BACKEND", "triton")
+    with torch.no_grad():
+        y_k = layer(x)
+    monkeypatch.setenv("TINYLORA_BACKEND", "reference")
+    with torch.no_grad():
+        y_r = layer(x)
+    torch.testing.assert_close(y_k, y_r, rtol=1e-4, atol=1e-4)

@@ -15,21 +15,23 @@ from typing import Optional
 
 import torch
 
-from ..nf4 import NF4Weight, dequantize_nf4
+from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
-from .fused_linear import fused_linear
+from .fused_linear import dequantize_nf4_triton, tinylora_linear
 
 
 class _FusedTinyLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, R, bias, weight, A, B, out_dtype):
         need_grad = any(ctx.needs_input_grad[:3])
-        out, ax = fused_linear(x, weight, bias, AdapterFactors(A=A, B=B, R=R),
-                               out_dtype=out_dtype, store_ax=True)
-        if need_grad:
-            ctx.save_for_backward(ax, A, B, R)
-            ctx.weight = weight
-            ctx.x_meta = (x.dtype, x.shape)
+        result = tinylora_linear(x, weight, bias, AdapterFactors(A=A, B=B, R=R),
+                                 out_dtype=out_dtype, store_ax=need_grad)
+        if not need_grad:
+            return result
+        out, ax = result
+        ctx.save_for_backward(ax, A, B, R)
+        ctx.weight = weight
+        ctx.x_meta = (x.dtype, x.shape)
         return out
 
     @staticmethod
@@ -42,7 +44,8 @@ class _FusedTinyLoRALinear(torch.autograd.Function):
         grad_x = grad_r = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = ctx.weight
-            dense = dequantize_nf4(w, x_dtype) if isinstance(w, NF4Weight) else w.to(x_dtype)
+            dense = (dequantize_nf4_triton(w, x_dtype) if isinstance(w, NF4Weight)
+                     else w.to(x_dtype))
             grad_x = g2.to(x_dtype) @ dense
             grad_x = (grad_x.float() + (gb @ R.float()) @ A.float()).to(x_dtype).view(x_shape)
         if ctx.needs_input_grad[1]:

@@ -30,7 +30,8 @@ from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
 from . import interpreting
 
-__all__ = ["fused_linear", "KernelConfig", "pick_config", "check_supported"]
+__all__ = ["fused_linear", "dequant_cublas_linear", "dequantize_nf4_triton", "tinylora_linear",
+           "forward_path", "KernelConfig", "pick_config", "check_supported", "CUBLAS_MIN_M"]
 
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest rank the kernel takes (the adapter is padded to a 16-wide tile for tl.dot).
@@ -40,38 +41,33 @@ MAX_RANK = 16
 @triton.jit
 def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
               rn, k0, N, K,
-              BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr,
-              BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """Decode W[rn, k0:k0+BK] (BN x BK, fp32) from NF4 storage.
+              BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+              DOUBLE_QUANT: tl.constexpr):
+    """Decode the NF4 weight tile W[rn, k0:k0+BK] as two (BN, BK/2) fp32 halves.
 
-    Element e = n*K + k sits in byte e // 2, high nibble when e is even. The kernel requires
-    K % BLOCKSIZE == 0 (so rows start on a block and a byte), so a row's bytes are contiguous.
+    Element e = n*K + k sits in byte e // 2: the high nibble holds the even column, the low
+    nibble the odd one. Rather than interleave them (a register shuffle per tile), the tile is
+    returned as (even columns, odd columns) and the caller splits x the same way. BK is the NF4
+    block size and K a multiple of it, so the tile is one block per row: one scale per row.
     """
-    tl.static_assert(BK % BLOCKSIZE == 0, "BK must be a multiple of the NF4 block size")
-    NB: tl.constexpr = BK // BLOCKSIZE
     rn64 = rn.to(tl.int64)                        # N*K passes 2**31 for the largest layers
     mask_n = rn < N
     rj = tl.arange(0, BK // 2)
-    mask_bytes = mask_n[:, None] & (k0 + 2 * rj < K)[None, :]
     byte = tl.load(packed_ptr + ((rn64[:, None] * K + k0) // 2 + rj[None, :]),
-                   mask=mask_bytes, other=0)
-    hi = (byte >> 4).to(tl.int32)
-    lo = (byte & 15).to(tl.int32)
-    levels = tl.load(code_ptr + tl.reshape(tl.join(hi, lo), (BN, BK)))   # 16-entry table, cached
-
-    rb = (k0 // BLOCKSIZE) + tl.arange(0, NB)
-    blk = rn64[:, None] * (K // BLOCKSIZE) + rb[None, :]
-    mask_blk = mask_n[:, None] & (rb < K // BLOCKSIZE)[None, :]
+                   mask=mask_n[:, None], other=0)
+    # the 16 levels are one 64-byte line: every lane of a warp hits it in L1
+    even = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+    odd = tl.load(code_ptr + (byte & 15).to(tl.int32))
+    blk = rn64 * (K // BK) + k0 // BK
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blk, mask=mask_blk, other=0).to(tl.int32)
-        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask_blk, other=0.0)
+        q = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
+        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask_n, other=0.0)
         # multiply then add, separately rounded (the launch disables FMA contraction), as
         # bitsandbytes decodes it
         scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask_blk, other=0.0)
-    w = tl.reshape(levels, (BN, NB, BLOCKSIZE)) * scale[:, :, None]
-    return tl.reshape(w, (BN, BK))
+        scale = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
+    return even * scale[:, None], odd * scale[:, None]
 
 
 @triton.jit
@@ -89,11 +85,15 @@ def _fused_linear_kernel(
     stride_an, stride_ak,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation."""
+    """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
+
+    The K loop runs over pairs of half tiles (even and odd columns), each a tensor-core dot of
+    depth BK/2: NF4 bytes decode straight into that layout.
+    """
     # -- program id -> output tile, grouped along M so neighbouring programs share W tiles ---
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -106,50 +106,62 @@ def _fused_linear_kernel(
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rj = tl.arange(0, BK // 2)
     mask_m = rm < M
     mask_n = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     rr = tl.arange(0, R_PAD)
     mask_r = rr < RANK
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     ax = tl.zeros((BM, R_PAD), dtype=tl.float32)
 
-    # -- K loop: main product and A x from the same x tile --------------------------------------
+    # -- K loop: main product and A x from the same x tiles -------------------------------------
     for k0 in range(0, K, BK):
-        kk = k0 + rk
-        mask_k = kk < K
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ke = k0 + 2 * rj                         # even columns of this K tile
+        mask_k = ke < K
+        x_rows = x_ptr + rm64[:, None] * stride_xm
+        x_even = tl.load(x_rows + ke[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x_odd = tl.load(x_rows + (ke + 1)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if IS_NF4:
-            w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                          rn, k0, N, K, BN, BK, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
+            w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                      code_ptr, rn, k0, N, K, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
         else:
-            w = tl.load(w_ptr + rn64[:, None] * stride_wn + kk[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = w.to(x.dtype)
+            w_rows = w_ptr + rn64[:, None] * stride_wn
+            mask_w = mask_n[:, None] & mask_k[None, :]
+            w_even = tl.load(w_rows + ke[None, :] * stride_wk, mask=mask_w, other=0.0)
+            w_odd = tl.load(w_rows + (ke + 1)[None, :] * stride_wk, mask=mask_w, other=0.0)
+        w_even = w_even.to(x_even.dtype)
+        w_odd = w_odd.to(x_even.dtype)
         if FP32_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision="ieee")
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x_even, tl.trans(w_even), acc)
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc)
         if HAS_ADAPTER:
-            a = tl.load(a_ptr + rr[:, None] * stride_an + kk[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(x.dtype)
-            if FP32_DOT:
-                ax = tl.dot(x, tl.trans(a), ax, input_precision="ieee")
-            else:
-                ax = tl.dot(x, tl.trans(a), ax)
+            # r (<= 16) dot products per row on the CUDA cores: A x costs r/BN of the main
+            # product's work and needs no padded tensor-core tile
+            for i in range(RANK):
+                a_row = a_ptr + i * stride_an
+                a_even = tl.load(a_row + ke * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
+                a_odd = tl.load(a_row + (ke + 1) * stride_ak, mask=mask_k,
+                                other=0.0).to(tl.float32)
+                part = tl.sum(x_even.to(tl.float32) * a_even[None, :]
+                              + x_odd.to(tl.float32) * a_odd[None, :], axis=1)
+                ax += tl.where(rr[None, :] == i, part[:, None], 0.0)
 
-    # -- epilogue: + (A x) Rᵀ Bᵀ, + bias, one rounding -------------------------------------------
+    # -- epilogue: + ((A x) Rᵀ) Bᵀ, + bias, one rounding ----------------------------------------
     if HAS_ADAPTER:
-        r = tl.load(r_ptr + rr[:, None] * RANK + rr[None, :],
-                    mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-        z = tl.dot(ax, tl.trans(r), input_precision="ieee")                     # (BM, R_PAD)
-        b = tl.load(b_ptr + rn64[:, None] * RANK + rr[None, :],
-                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)          # (BN, R_PAD)
-        acc += tl.dot(z, tl.trans(b), input_precision="ieee")
+        for i in range(RANK):
+            # z_i = sum_j ax_j R[i, j], then acc += z_i B[:, i]
+            r_row = tl.load(r_ptr + i * RANK + rr, mask=mask_r, other=0.0)
+            z_i = tl.sum(ax * r_row[None, :], axis=1)
+            b_col = tl.load(b_ptr + rn64 * RANK + i, mask=mask_n, other=0.0)
+            acc += z_i[:, None] * b_col[None, :]
         if STORE_AX:
             if pid_n == 0:
                 tl.store(ax_ptr + rm64[:, None] * RANK + rr[None, :], ax,
@@ -158,6 +170,26 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    out_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+    N, K, stride_on,
+    BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+):
+    """out[n, k] = decoded W[n, k] in out's dtype (rows of out may be longer than K)."""
+    pid_n = tl.program_id(0)
+    k0 = tl.program_id(1) * BK
+    rn = pid_n * BN + tl.arange(0, BN)
+    w_even, w_odd = _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                              code_ptr, rn, k0, N, K, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
+    ke = k0 + 2 * tl.arange(0, BK // 2)
+    rows = out_ptr + rn.to(tl.int64)[:, None] * stride_on
+    mask = (rn < N)[:, None]
+    dtype = out_ptr.dtype.element_ty
+    tl.store(rows + ke[None, :], w_even.to(dtype), mask=mask)
+    tl.store(rows + (ke + 1)[None, :], w_odd.to(dtype), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -171,20 +203,23 @@ class KernelConfig:
 
 
 def pick_config(M: int, N: int, K: int) -> KernelConfig:
-    """The tile shape for a problem: the one place the forward's dispatch is decided.
+    """The tile shape of the fused kernel for a problem: its one dispatch table.
 
-    * M <= 16 (decode): one 16-row tile, narrow N tiles so that N / BN programs fill the GPU
-      and each streams its rows of W with 16-byte loads (BK/2 = 64 bytes per row per step);
-    * M <= 64: the same, taller;
-    * larger M (prefill, training): 128 x 128 tensor-core tiles, grouped along M for L2 reuse.
+    BK is 64 (the NF4 block: one scale per row per step, 32 bytes per row). By M:
+
+    * M <= 16 (decode): one 16-row tile, N tiles narrow enough that N / BN programs cover the
+      132 SMs of an H100/H200 (BN 32 for N <= 4096, 64 above);
+    * M <= 64: 64-row tiles;
+    * larger M: 128 x 128 tiles grouped along M for L2 reuse (the forward sends M above
+      :data:`CUBLAS_MIN_M` to dequantize + cuBLAS instead, see :func:`forward_path`).
     Under the interpreter one small tile keeps CPU runs short.
     """
     if interpreting():
         return KernelConfig(BM=16, BN=32, BK=64, num_warps=1, num_stages=1)
     if M <= 16:
-        return KernelConfig(BM=16, BN=32 if N <= 4096 else 64, BK=128, num_warps=4, num_stages=4)
+        return KernelConfig(BM=16, BN=32 if N <= 4096 else 64, BK=64, num_warps=4, num_stages=4)
     if M <= 64:
-        return KernelConfig(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
+        return KernelConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)
     return KernelConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
@@ -202,12 +237,14 @@ def check_supported(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor]) -> 
         if weight.shape[1] % weight.blocksize != 0:
             return (f"K={weight.shape[1]} is not a multiple of the NF4 block size "
                     f"{weight.blocksize}, so rows do not start on a block")
-        if weight.blocksize not in (64, 128, 256):
-            return f"NF4 block size {weight.blocksize} is not supported by the kernel"
+        if weight.blocksize != 64:
+            return f"NF4 block size {weight.blocksize} is not supported by the kernel (64 is)"
         if weight.double_quant and weight.offset.device != x.device:
             return "the double-quant offset is not on the weight's device"
     elif weight.dtype not in _DOT_DTYPES:
         return f"unsupported weight dtype {weight.dtype}"
+    elif weight.shape[1] % 2:
+        return f"K={weight.shape[1]} is odd; the kernel reads columns in pairs"
     return None
 
 
@@ -270,10 +307,7 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
         A = B = R = out                                  # placeholders, never read
     dummy = out
     if is_nf4:
-        w_args = (weight.packed, weight.absmax,
-                  weight.absmax2 if weight.double_quant else dummy,
-                  weight.code2 if weight.double_quant else dummy,
-                  weight.offset if weight.double_quant else dummy, weight.code)
+        w_args = _nf4_pointer_args(weight, dummy)
         stride_w = (0, 0)
     else:
         w_args = (weight, dummy, dummy, dummy, dummy, dummy)
@@ -287,7 +321,6 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
         A.stride(0) if factors is not None else 0, A.stride(1) if factors is not None else 0,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        BLOCKSIZE=weight.blocksize if is_nf4 else 64,
         BLOCKSIZE2=weight.blocksize2 if is_nf4 else 256,
         IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4 and weight.double_quant,
         HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None, STORE_AX=ax is not None,
@@ -296,3 +329,113 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     )
     out = out.view(*lead, n)
     return (out, ax) if store_ax else out
+
+
+def _nf4_pointer_args(weight: NF4Weight, dummy: torch.Tensor):
+    return (weight.packed, weight.absmax,
+            weight.absmax2 if weight.double_quant else dummy,
+            weight.code2 if weight.double_quant else dummy,
+            weight.offset if weight.double_quant else dummy, weight.code)
+
+
+def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode an NF4 weight to (N, K) in ``dtype`` with one kernel (bandwidth-bound).
+
+    ``out`` may be a wider (N, K') row-major buffer; its first K columns are written.
+    """
+    n, k = weight.shape
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if out.shape[0] != n or out.shape[1] < k or out.stride(1) != 1:
+        raise ValueError(f"dequantize_nf4_triton: out must be ({n}, >= {k}) with unit column "
+                         f"stride, got {tuple(out.shape)} strides {out.stride()}")
+    bn = 16 if interpreting() else 64
+    grid = (triton.cdiv(n, bn), k // weight.blocksize)
+    _nf4_dequant_kernel[grid](out, *_nf4_pointer_args(weight, out), n, k, out.stride(0),
+                              BN=bn, BK=weight.blocksize, BLOCKSIZE2=weight.blocksize2,
+                              DOUBLE_QUANT=weight.double_quant, enable_fp_fusion=False)
+    return out
+
+
+#: From this many rows up, the forward decodes the NF4 weight once into a scratch matrix and
+#: lets cuBLAS do the product (the adapter rides in the same GEMM as r extra K columns); below,
+#: the fused kernel streams the packed weight. Decided from benchmarks/results (gpu_forward).
+CUBLAS_MIN_M = 64
+
+
+def forward_path(M: int, N: int, K: int) -> str:
+    """``"fused"`` (one Triton kernel) or ``"dequant_cublas"`` for an (M, N, K) NF4 forward."""
+    if interpreting():
+        return "fused"
+    return "dequant_cublas" if M >= CUBLAS_MIN_M else "fused"
+
+
+_MM_OUT_DTYPE = [True]
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation AND an fp32 result, without upcasting a (M x K) first.
+
+    cuBLAS does this directly (``torch.mm(..., out_dtype=torch.float32)`` on CUDA); elsewhere, or
+    on a torch without it, the operands are upcast.
+    """
+    if a.is_cuda and a.dtype != torch.float32 and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[0] = False
+    return a.float() @ b.float()
+
+
+def dequant_cublas_linear(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
+                          factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
+                          store_ax: bool = False):
+    """Prefill/training forward: decode W once, one cuBLAS GEMM computes base and adapter.
+
+    With the adapter, the GEMM runs over a few extra K columns, ``[x | z_hi z_lo z_hi | 0] @
+    [W | B_hi B_hi B_lo | 0]ᵀ`` with z = (A x) Rᵀ (M x r): cuBLAS accumulates ``z Bᵀ`` with the
+    base product (no extra pass over the (M, N) output). z and B are each split into a part in
+    x's dtype and the rounding remainder (``hi + lo``), so the adapter keeps fp32 accuracy
+    (only lo x lo, ~2^-16 relative, is dropped) although the GEMM runs in 16-bit.
+    """
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    cd = x.dtype
+    ax = None
+    if factors is None:
+        w = dequantize_nf4_triton(weight, cd)
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(cd))
+    else:
+        rank = factors.A.shape[0]
+        k_ext = k + 16 * triton.cdiv(3 * rank, 16)          # 16-column alignment for the GEMM
+        w_ext = torch.empty(n, k_ext, dtype=cd, device=x.device)
+        dequantize_nf4_triton(weight, cd, out=w_ext)
+        b32 = factors.B.float()
+        b_hi = b32.to(cd)
+        w_ext[:, k:k + 3 * rank] = torch.cat((b_hi, b_hi, (b32 - b_hi.float()).to(cd)), dim=1)
+        w_ext[:, k + 3 * rank:] = 0
+        x_ext = torch.empty(x2.shape[0], k_ext, dtype=cd, device=x.device)
+        x_ext[:, :k] = x2
+        ax = _mm_fp32_out(x2, factors.A.to(cd).t())
+        z = ax @ factors.R.float().t()
+        z_hi = z.to(cd)
+        x_ext[:, k:k + 3 * rank] = torch.cat((z_hi, (z - z_hi.float()).to(cd), z_hi), dim=1)
+        x_ext[:, k + 3 * rank:] = 0
+        y = (torch.addmm(bias.to(cd), x_ext, w_ext.t()) if bias is not None
+             else x_ext @ w_ext.t())
+    y = y.to(out_dtype).view(*lead, n)
+    return (y, ax) if store_ax else y
+
+
+def tinylora_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
+                    bias: Optional[torch.Tensor], factors: Optional[AdapterFactors], *,
+                    out_dtype: torch.dtype, store_ax: bool = False):
+    """The forward, by the path :func:`forward_path` picks for this size."""
+    m = x.numel() // max(x.shape[-1], 1)
+    if (isinstance(weight, NF4Weight) and m > 0
+            and forward_path(m, *weight.shape) == "dequant_cublas"):
+        return dequant_cublas_linear(x, weight, bias, factors, out_dtype=out_dtype,
+                                     store_ax=store_ax)
+    return fused_linear(x, weight, bias, factors, out_dtype=out_dtype, store_ax=store_ax)
