@@ -39,8 +39,38 @@ MAX_RANK = 16
 
 
 @triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-              rn, k0, N, K,
+def _nf4_levels(code_ptr):
+    """The 16 NF4 levels as 16 scalars, loaded once per program (they then live in registers)."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2),
+            tl.load(code_ptr + 3), tl.load(code_ptr + 4), tl.load(code_ptr + 5),
+            tl.load(code_ptr + 6), tl.load(code_ptr + 7), tl.load(code_ptr + 8),
+            tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14),
+            tl.load(code_ptr + 15))
+
+
+@triton.jit
+def _nf4_lookup(c, levels):
+    """levels[c] for a tensor of 4-bit codes, by a 4-level select tree on the code's bits.
+
+    No memory access: a gather from a table in memory depends on the loaded byte and so cannot
+    be software-pipelined, which stalls every K step on a second load latency.
+    """
+    (l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15) = levels
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    b3 = (c & 8) != 0
+    p0 = tl.where(b1, tl.where(b0, l3, l2), tl.where(b0, l1, l0))
+    p1 = tl.where(b1, tl.where(b0, l7, l6), tl.where(b0, l5, l4))
+    p2 = tl.where(b1, tl.where(b0, l11, l10), tl.where(b0, l9, l8))
+    p3 = tl.where(b1, tl.where(b0, l15, l14), tl.where(b0, l13, l12))
+    return tl.where(b3, tl.where(b2, p3, p2), tl.where(b2, p1, p0))
+
+
+@triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
+              rn, k0, N, K, KH,
               BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
               DOUBLE_QUANT: tl.constexpr):
     """Decode the NF4 weight tile W[rn, k0:k0+BK] as two (BN, BK/2) fp32 halves.
@@ -49,15 +79,15 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_p
     nibble the odd one. Rather than interleave them (a register shuffle per tile), the tile is
     returned as (even columns, odd columns) and the caller splits x the same way. BK is the NF4
     block size and K a multiple of it, so the tile is one block per row: one scale per row.
+    Row n's bytes start at n * KH (KH = K / 2, passed so the compiler sees 16-byte alignment).
     """
     rn64 = rn.to(tl.int64)                        # N*K passes 2**31 for the largest layers
     mask_n = rn < N
     rj = tl.arange(0, BK // 2)
-    byte = tl.load(packed_ptr + ((rn64[:, None] * K + k0) // 2 + rj[None, :]),
-                   mask=mask_n[:, None], other=0)
-    # the 16 levels are one 64-byte line: every lane of a warp hits it in L1
-    even = tl.load(code_ptr + (byte >> 4).to(tl.int32))
-    odd = tl.load(code_ptr + (byte & 15).to(tl.int32))
+    byte = tl.load(packed_ptr + rn64[:, None] * KH + (k0 // 2 + rj)[None, :],
+                   mask=mask_n[:, None], other=0).to(tl.int32)
+    even = _nf4_lookup(byte >> 4, levels)
+    odd = _nf4_lookup(byte & 15, levels)
     blk = rn64 * (K // BK) + k0 // BK
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
@@ -78,8 +108,8 @@ def _fused_linear_kernel(
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     # pointers: the adapter, A (r x K, any float dtype), B (N x r, fp32), R (r x r, fp32)
     a_ptr, b_ptr, r_ptr,
-    # sizes
-    M, N, K, RANK,
+    # sizes (KH = K // 2: bytes per row of packed NF4)
+    M, N, K, KH, RANK,
     # strides
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     stride_an, stride_ak,
@@ -116,6 +146,8 @@ def _fused_linear_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     ax = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    if IS_NF4:
+        levels = _nf4_levels(code_ptr)
 
     # -- K loop: main product and A x from the same x tiles -------------------------------------
     for k0 in range(0, K, BK):
@@ -128,7 +160,8 @@ def _fused_linear_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if IS_NF4:
             w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      code_ptr, rn, k0, N, K, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
+                                      levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2,
+                                      DOUBLE_QUANT)
         else:
             w_rows = w_ptr + rn64[:, None] * stride_wn
             mask_w = mask_n[:, None] & mask_k[None, :]
@@ -175,7 +208,7 @@ def _fused_linear_kernel(
 @triton.jit
 def _nf4_dequant_kernel(
     out_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    N, K, stride_on,
+    N, K, KH, stride_on,
     BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
 ):
     """out[n, k] = decoded W[n, k] in out's dtype (rows of out may be longer than K)."""
@@ -183,7 +216,8 @@ def _nf4_dequant_kernel(
     k0 = tl.program_id(1) * BK
     rn = pid_n * BN + tl.arange(0, BN)
     w_even, w_odd = _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                              code_ptr, rn, k0, N, K, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
+                              _nf4_levels(code_ptr), rn, k0, N, K, KH, BN, BK, BLOCKSIZE2,
+                              DOUBLE_QUANT)
     ke = k0 + 2 * tl.arange(0, BK // 2)
     rows = out_ptr + rn.to(tl.int64)[:, None] * stride_on
     mask = (rn < N)[:, None]
@@ -316,7 +350,7 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     _fused_linear_kernel[grid](
         x2, out, bias if bias is not None else dummy, ax if ax is not None else dummy,
         *w_args, A, B, R,
-        m, n, k, rank,
+        m, n, k, k // 2, rank,
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *stride_w,
         A.stride(0) if factors is not None else 0, A.stride(1) if factors is not None else 0,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
@@ -352,7 +386,7 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype,
                          f"stride, got {tuple(out.shape)} strides {out.stride()}")
     bn = 16 if interpreting() else 64
     grid = (triton.cdiv(n, bn), k // weight.blocksize)
-    _nf4_dequant_kernel[grid](out, *_nf4_pointer_args(weight, out), n, k, out.stride(0),
+    _nf4_dequant_kernel[grid](out, *_nf4_pointer_args(weight, out), n, k, k // 2, out.stride(0),
                               BN=bn, BK=weight.blocksize, BLOCKSIZE2=weight.blocksize2,
                               DOUBLE_QUANT=weight.double_quant, enable_fp_fusion=False)
     return out
