@@ -18,8 +18,10 @@ b.__version__, '|', torch.cuda.get_device_name())"
 # decode); the CPU tiers run in CI. Set GPU_TESTS=all for every kernel case (slow: compiles).
 sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact"}
 if [ "$sel" = all ]; then sel=""; fi
-timeout 55 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py tests/test_nf4.py \
-    -k "$sel" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 12
+if [ "$sel" != none ]; then
+    timeout 55 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
+        tests/test_nf4.py -k "$sel" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 12
+fi
 
 timeout 125 python3 benchmarks/gpu_forward.py --out "$OUT/gpu_forward.json" 2>&1 \
     | tee "$OUT/gpu_forward.log" | tail -n 32
