@@ -15,7 +15,8 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 b.__version__, '|', torch.cuda.get_device_name())"
 
 # CUDA tier: what the interpreter cannot check (bf16, compiled code paths, bitsandbytes' CUDA
-# decode); the CPU tiers run in CI. Set GPU_TESTS=all for every kernel case (slow: compiles).
+# decode); the CPU tiers run in CI. GPU_TESTS=all runs every kernel case (slow: compiles),
+# GPU_TESTS=none skips the tier (the benchmark still checks each case against float64).
 sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact"}
 if [ "$sel" = all ]; then sel=""; fi
 if [ "$sel" != none ]; then
