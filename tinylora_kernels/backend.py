@@ -2,9 +2,9 @@
 
 ``TINYLORA_BACKEND`` picks the path:
 
-* ``auto`` (default): the fused Triton kernel for CUDA inputs the kernel supports, the reference
-  path otherwise (CPU tensors, Triton missing, a 4-bit layer whose K is not a multiple of its
-  NF4 block);
+* ``auto`` (default): the path measured fastest for the call (:data:`AUTO_USES_KERNELS`); the
+  reference path wherever the kernel cannot run (CPU tensors, Triton missing, a 4-bit layer
+  whose K is not a multiple of its NF4 block);
 * ``reference``: always the pure-torch path (bitsandbytes' own matmul for a 4-bit base);
 * ``triton``: always the kernel; CPU tensors run through Triton's interpreter when
   ``TRITON_INTERPRET=1``. When the kernel cannot take the call, this raises and says why,
@@ -19,6 +19,14 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
+#: Whether ``auto`` sends CUDA calls to the Triton kernels. Measured on an H200 (torch 2.11,
+#: triton 3.6, bitsandbytes 0.50.2; benchmarks/results/h200/gpu_forward_v3.md): the kernels are
+#: correct but slower than bitsandbytes' own 4-bit matmul plus the factorized adapter (the
+#: reference path) at every measured size of Qwen2.5-Coder-3B (M = 1, 16, 4096), e.g. 106 vs
+#: 30 µs for gate/up at M = 1 under CUDA graphs. Until a measurement says otherwise, ``auto``
+#: keeps the faster path; ``TINYLORA_BACKEND=triton`` selects the kernels.
+AUTO_USES_KERNELS = False
+
 
 def requested() -> str:
     """The backend asked for by ``TINYLORA_BACKEND`` (validated)."""
@@ -28,7 +36,7 @@ def requested() -> str:
     return value
 
 
-def kernel_refusal(x: torch.Tensor, weight) -> "str | None":
+def kernel_refusal(x: torch.Tensor, weight, compute_dtype=None) -> "str | None":
     """None when the fused kernel can compute this call, else the reason it cannot."""
     from .ops import triton_missing
 
@@ -37,17 +45,20 @@ def kernel_refusal(x: torch.Tensor, weight) -> "str | None":
         return why
     from .ops.fused_linear import check_supported
 
-    return check_supported(x, weight)
+    return check_supported(x, weight, compute_dtype)
 
 
-def select(x: torch.Tensor, weight) -> str:
-    """``"triton"`` or ``"reference"`` for input x and a layer's weight (NF4Weight or tensor)."""
+def select(x: torch.Tensor, weight, compute_dtype=None) -> str:
+    """``"triton"`` or ``"reference"`` for input x and a layer's weight (NF4Weight or tensor).
+
+    ``compute_dtype`` is the dtype the layer computes the product in (default: x's).
+    """
     choice = requested()
     if choice == "reference":
         return "reference"
-    if choice == "auto" and not x.is_cuda:
+    if choice == "auto" and not (x.is_cuda and AUTO_USES_KERNELS):
         return "reference"
-    why = kernel_refusal(x, weight)
+    why = kernel_refusal(x, weight, compute_dtype)
     if why is None:
         return "triton"
     if choice == "triton":

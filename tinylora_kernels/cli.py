@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
@@ -18,14 +20,32 @@ import torch
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _paths() -> List[tuple]:
-    """(name, available, why not) for every computation path this version knows."""
-    return [("reference", True, ""),
-            ("triton", False, "no Triton kernels in this version")]
+def _paths(device: str) -> List[tuple]:
+    """(name, why it cannot run here or None) for every computation path of this version."""
+    from .ops import interpreting, triton_missing
+
+    why_not = triton_missing()
+    if why_not is None and device == "cpu" and not interpreting():
+        why_not = ("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter, slow); on a GPU "
+                   "use --device cuda")
+    return [("reference", None), ("triton", why_not)]
+
+
+@contextmanager
+def _backend(name: str):
+    old = os.environ.get("TINYLORA_BACKEND")
+    os.environ["TINYLORA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYLORA_BACKEND", None)
+        else:
+            os.environ["TINYLORA_BACKEND"] = old
 
 
 def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
-              progress: bool = False) -> List[dict]:
+              progress: bool = False, device: str = "cpu") -> List[dict]:
     """Evaluate every available path on small random models; one result row per case."""
     from . import TinyLoRAGlobalParams, apply_tiny_lora, tiny_lora_layers
     from .testing import layer_truth_and_lowp, reference_error_budget, tiny_qwen2
@@ -38,33 +58,42 @@ def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
     results = []
     for (label, kwargs), projection in ((k, p) for k in kinds for p in ("full", "diagonal")):
         try:
-            model = tiny_qwen2(seed=seed, **kwargs)
+            model = tiny_qwen2(seed=seed, device=device, **kwargs)
         except ImportError as exc:  # no bitsandbytes: check what can be checked
             results.append({"model": label, "projection": projection, "path": "-", "dtype": "-",
                             "status": f"not run: {exc}"})
             continue
-        gp = TinyLoRAGlobalParams(u_dim=13, device="cpu", dtype=torch.float32)
+        gp = TinyLoRAGlobalParams(u_dim=13, device=device, dtype=torch.float32)
         torch.manual_seed(seed)
         apply_tiny_lora(model, gp, projection=projection, progress=progress)
         with torch.no_grad():
             gp.global_v.copy_(torch.randn(13, generator=gen) * 0.5)
-        for name, available, why in _paths():
+        for name, why in _paths(device):
             for dname in dtypes:
                 dtype = _DTYPES[dname]
                 row = {"model": label, "projection": projection, "path": name, "dtype": dname}
-                if not available:
-                    results.append({**row, "status": f"not run: {why}"})
+                reason = why
+                if reason is not None:
+                    results.append({**row, "status": f"not run: {reason}"})
                     continue
                 worst, n_layers = None, 0
                 for _, layer in tiny_lora_layers(model):
-                    x = torch.randn(rows, layer.base_layer.in_features, generator=gen).to(dtype)
-                    with torch.no_grad():
-                        y = layer(x)
+                    x = torch.randn(rows, layer.base_layer.in_features, generator=gen)
+                    x = x.to(device=device, dtype=dtype)
+                    try:
+                        with torch.no_grad(), _backend(name):
+                            y = layer(x)
+                    except RuntimeError as exc:   # a forced path that cannot take this call
+                        reason = str(exc).split(": ", 1)[-1]
+                        break
                     truth, lowp = layer_truth_and_lowp(layer, x)
                     err, budget = reference_error_budget(y, lowp, truth)
                     n_layers += 1
                     if worst is None or err / budget > worst[0] / worst[1]:
                         worst = (err, budget)
+                if reason is not None:
+                    results.append({**row, "status": f"not run: {reason}"})
+                    continue
                 ok = worst[0] <= worst[1]
                 results.append({**row, "layers": n_layers, "max_err": worst[0],
                                 "budget": worst[1], "status": "ok" if ok else "FAIL"})
@@ -94,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_check.add_argument("--rows", type=int, default=64, help="input rows per layer")
     p_check.add_argument("--dtypes", default="fp32,fp16,bf16",
                          help="comma-separated, from fp32, fp16, bf16")
+    p_check.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p_inspect = sub.add_parser("inspect", help="what a tiny_lora_v.pt holds")
     p_inspect.add_argument("checkpoint")
     args = parser.parse_args(argv)
@@ -114,11 +144,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [d for d in dtypes if d not in _DTYPES]
     if unknown:
         parser.error(f"unknown dtype(s) {unknown}; choose from {list(_DTYPES)}")
+    device = getattr(args, "device", "cpu")
     start = time.perf_counter()
-    print(f"tinylora_kernels check: torch {torch.__version__}, device cpu; every path vs a "
+    print(f"tinylora_kernels check: torch {torch.__version__}, device {device}; every path vs a "
           "float64 evaluation of U diag(S) R Vh (budget: 2x torch's own low-precision error + "
           "1e-5)", flush=True)
-    results = run_check(seed=seed, rows=rows, dtypes=dtypes)
+    results = run_check(seed=seed, rows=rows, dtypes=dtypes, device=device)
     print(format_table(results))
     failed = [r for r in results if r["status"] == "FAIL"]
     print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "

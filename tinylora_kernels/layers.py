@@ -138,25 +138,25 @@ class TinyLoRALinear(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
-        if backend.select(x, weight) == "triton":
-            return self._fused_forward(x, weight)
+        compute_dtype, out_dtype = self._dtypes(x)
+        if backend.select(x, weight, compute_dtype) == "triton":
+            from .ops.autograd import fused_tinylora_linear
+
+            return fused_tinylora_linear(x.to(compute_dtype), weight, self.base_layer.bias,
+                                         self.adapter_factors(), out_dtype)
         base, out_dtype = self._base_forward(x)
         return add_adapter(base, x, self.adapter_factors(), out_dtype)
 
-    def _fused_forward(self, x: torch.Tensor, weight) -> torch.Tensor:
-        """Base product and adapter in one Triton kernel, same dtypes as the reference path."""
-        from .ops.autograd import fused_tinylora_linear
-
+    def _dtypes(self, x: torch.Tensor):
+        """(dtype the base product is computed in, dtype of the output) for input x."""
         layer = self.base_layer
         if self.is_quantized:
-            compute_dtype, out_dtype = linear4bit_compute_dtype(layer, x), x.dtype
-        elif torch.is_autocast_enabled(x.device.type):
-            compute_dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            compute_dtype = layer.weight.dtype
-            out_dtype = compute_dtype if x.dtype == compute_dtype else x.dtype
-        return fused_tinylora_linear(x.to(compute_dtype), weight, layer.bias,
-                                     self.adapter_factors(), out_dtype)
+            return linear4bit_compute_dtype(layer, x), x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return dtype, dtype
+        dtype = layer.weight.dtype
+        return dtype, (dtype if x.dtype == dtype else x.dtype)
 
     def _base_forward(self, x: torch.Tensor):
         """(base output, dtype of the layer's output); the output is rounded once, at the end."""

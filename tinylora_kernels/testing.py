@@ -33,7 +33,7 @@ def tiny_qwen2_config(num_hidden_layers: int = 2, hidden_size: int = 64,
 def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
                compute_dtype: torch.dtype = torch.float16, seed: int = 0,
                directory: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
-               **config_kwargs):
+               device: str = "cpu", **config_kwargs):
     """A random Qwen2 causal LM, loaded as users load theirs.
 
     ``quantized=True`` loads it with ``BitsAndBytesConfig(load_in_4bit=True,
@@ -58,13 +58,13 @@ def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
     with ctx as d:
         model.save_pretrained(d)
         if not quantized:
-            return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device)
         from transformers import BitsAndBytesConfig
 
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant,
                                 bnb_4bit_compute_dtype=compute_dtype)
-        return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map="cpu",
+        return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map=device,
                                                     dtype=dtype)
 
 

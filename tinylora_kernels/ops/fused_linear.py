@@ -257,16 +257,24 @@ def pick_config(M: int, N: int, K: int) -> KernelConfig:
     return KernelConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 
-def check_supported(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor]) -> Optional[str]:
-    """None when the kernel takes (x, weight), else the reason it does not."""
+def check_supported(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
+                    compute_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the kernel takes (x, weight), else the reason it does not.
+
+    ``compute_dtype``: the dtype x will be cast to before the launch (default: x's own).
+    """
+    dtype = x.dtype if compute_dtype is None else compute_dtype
     if not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
         return (f"x is on {x.device}; the Triton kernels run on CUDA devices, or on the CPU under "
                 "TRITON_INTERPRET=1")
     wdev = weight.device
     if wdev != x.device:
         return f"x is on {x.device} but the weight is on {wdev}"
-    if x.dtype not in _DOT_DTYPES:
-        return f"unsupported activation dtype {x.dtype}"
+    if dtype not in _DOT_DTYPES:
+        return f"unsupported activation dtype {dtype}"
+    if interpreting() and torch.bfloat16 in (dtype, x.dtype):
+        # it truncates instead of rounding to bf16, and its bf16 dots are wrong
+        return "Triton's interpreter mishandles bf16; bf16 runs on a GPU"
     if isinstance(weight, NF4Weight):
         if weight.shape[1] % weight.blocksize != 0:
             return (f"K={weight.shape[1]} is not a multiple of the NF4 block size "
@@ -393,9 +401,11 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype,
 
 
 #: From this many rows up, the forward decodes the NF4 weight once into a scratch matrix and
-#: lets cuBLAS do the product (the adapter rides in the same GEMM as r extra K columns); below,
-#: the fused kernel streams the packed weight. Decided from benchmarks/results (gpu_forward).
-CUBLAS_MIN_M = 64
+#: lets cuBLAS do the product (the adapter rides in the same GEMM as extra K columns); below,
+#: the fused kernel streams the packed weight. Measured on an H200 (benchmarks/results/h200/
+#: gpu_forward_v2.md, Qwen2.5-Coder-3B shapes): at M = 64 the fused kernel was ahead on 3 of 4
+#: shapes, at M = 256 decode + cuBLAS was ahead or level on all 4; M = 128 was not measured.
+CUBLAS_MIN_M = 128
 
 
 def forward_path(M: int, N: int, K: int) -> str:
