@@ -15,13 +15,13 @@ setup(
     # requirement would pull a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
+        "triton>=3.6",
         "transformers>=4.45",
         "bitsandbytes>=0.45",
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "accelerate"],
     },
     entry_points={"console_scripts": ["tinylora-kernels=tinylora_kernels.cli:main"]},
 )
