@@ -179,3 +179,27 @@ def test_model_state_dict_round_trip_4bit():
     assert {k.replace(".base_layer", "") for k in result.unexpected_keys} == plain_unexpected
     with torch.no_grad():
         torch.testing.assert_close(b(ids).logits, la, rtol=0, atol=0)
+
+
+def test_model_dtype_round_trip_keeps_v_and_buffers():
+    model = tiny_qwen2(quantized=False, dtype=torch.float32)
+    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.tensor([3e-5, -2e-6, 1e-7, 0.5, -0.25, 1e-3]))
+    v = gp.global_v.detach().clone()
+    buffers = {n: b.clone() for n, b in model.named_buffers() if n.endswith((".U", ".S", ".Vh",
+                                                                            ".P"))}
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    model.half()
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.float16
+    model.float()
+    assert model.tiny_lora_params.global_v is gp.global_v
+    assert torch.equal(gp.global_v.detach(), v) and gp.global_v.dtype == torch.bfloat16
+    for n, b in model.named_buffers():
+        if n in buffers:
+            assert torch.equal(b, buffers[n]), n
+    model.to("cpu")
+    assert gp.global_v.device.type == "cpu"

@@ -36,7 +36,10 @@ BUFFER_DTYPE = torch.bfloat16
 class TinyLoRAGlobalParams(nn.Module):
     """The one trainable vector v (``global_v``, zeros of shape (u_dim,)) shared by every layer.
 
-    Calling the module returns ``global_v``.
+    Calling the module returns ``global_v``. Whole-model dtype casts (``model.half()``,
+    ``model.to(torch.bfloat16)``) move v but keep its dtype: trained entries are often ~1e-5,
+    which fp16 would flush towards zero. Choose v's dtype at construction (or assign
+    ``global_v.data``).
     """
 
     def __init__(self, u_dim: int = 16, device="cpu", dtype=torch.bfloat16):
@@ -47,6 +50,13 @@ class TinyLoRAGlobalParams(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.global_v
+
+    def _apply(self, fn, recurse=True):
+        old = self.global_v.data
+        super()._apply(fn, recurse)
+        if self.global_v.dtype != old.dtype:
+            self.global_v.data = old.to(self.global_v.device)
+        return self
 
 
 class TinyLoRALinear(nn.Module):
