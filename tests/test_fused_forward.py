@@ -274,3 +274,55 @@ def test_layer_inference_without_grad(rng, monkeypatch):
     with torch.no_grad():
         y_r = layer(x)
     torch.testing.assert_close(y_k, y_r, rtol=1e-4, atol=1e-4)
+
+
+# -- projections sharing an input in one launch (q/k/v, gate/up) -------------------------------
+@needs_bnb
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shapes", [((96, 128), (32, 128), (32, 128)), ((70, 192), (70, 192))],
+                         ids=["qkv", "gate-up"])
+@pytest.mark.parametrize("m", [1, 19])
+def test_group_launch_equals_separate_launches(m, shapes, dtype, adapter, bias, rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear, fused_linear_group
+
+    dt = DTYPES[dtype]
+    k = shapes[0][1]
+    projections = []
+    for n, _ in shapes:
+        projections.append((_nf4(n, k, True, rng),
+                            torch.randn(n, generator=rng).to(KERNEL_DEVICE) if bias else None,
+                            _factors(n, k, 2, rng) if adapter else None))
+    x = torch.randn(m, k, generator=rng).to(dt).to(KERNEL_DEVICE)
+    outs, axs = fused_linear_group(x, projections, store_ax=True)
+    assert len(outs) == len(shapes)
+    for (w, b, f), y, ax in zip(projections, outs, axs):
+        assert torch.isfinite(y).all()
+        alone, ax_alone = fused_linear(x, w, b, f, store_ax=True)
+        torch.testing.assert_close(y, alone, rtol=0, atol=0)      # same tile code, same bits
+        if adapter:
+            torch.testing.assert_close(ax, ax_alone, rtol=0, atol=0)
+        W = dequantize_nf4(w, torch.float32)
+        _assert_within(y, tinylora_linear_reference(x, w, f, b), _f64(x, W, f, b))
+
+
+def test_group_launch_dense_and_errors(rng):
+    from tinylora_kernels.ops.fused_linear import fused_linear_group
+
+    k = 128
+    ws = [(torch.randn(n, k, generator=rng) * 0.05).to(KERNEL_DEVICE) for n in (40, 24)]
+    x = torch.randn(3, 5, k, generator=rng).to(KERNEL_DEVICE)
+    f = [_factors(n, k, 2, rng) for n in (40, 24)]
+    outs = fused_linear_group(x, [(ws[0], None, f[0]), (ws[1], None, f[1])])
+    assert [o.shape for o in outs] == [(3, 5, 40), (3, 5, 24)]
+    for w, ff, y in zip(ws, f, outs):
+        _assert_within(y, tinylora_linear_reference(x, w, ff, None), _f64(x, w, ff, None))
+    with pytest.raises(ValueError, match="2 or 3 projections"):
+        fused_linear_group(x, [(ws[0], None, None)])
+    with pytest.raises(ValueError, match="a bias, or none"):
+        fused_linear_group(x, [(ws[0], torch.zeros(40, device=KERNEL_DEVICE), None),
+                               (ws[1], None, None)])
+    with pytest.raises(ValueError, match=r"fused_linear_group\[1\].*130"):
+        fused_linear_group(x, [(ws[0], None, None),
+                               (torch.zeros(8, 130, device=KERNEL_DEVICE), None, None)])

@@ -30,7 +30,7 @@ from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
 from . import interpreting
 
-__all__ = ["fused_linear", "dequant_cublas_linear", "dequantize_nf4_triton", "tinylora_linear",
+__all__ = ["fused_linear", "fused_linear_group", "dequant_cublas_linear", "dequantize_nf4_triton", "tinylora_linear",
            "forward_path", "KernelConfig", "pick_config", "check_supported", "CUBLAS_MIN_M"]
 
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,39 +101,24 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels
 
 
 @triton.jit
-def _fused_linear_kernel(
-    # pointers: activations and outputs
+def _linear_tile(
+    pid_m, pid_n,
     x_ptr, out_ptr, bias_ptr, ax_ptr,
-    # pointers: the weight (dense: w_ptr; NF4: w_ptr = packed bytes + the scale tensors)
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    # pointers: the adapter, A (r x K, any float dtype), B (N x r, fp32), R (r x r, fp32)
     a_ptr, b_ptr, r_ptr,
-    # sizes (KH = K // 2: bytes per row of packed NF4)
     M, N, K, KH, RANK,
-    # strides
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     stride_an, stride_ak,
-    # meta-parameters
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
+    """Output tile (pid_m, pid_n): x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
 
     The K loop runs over pairs of half tiles (even and odd columns), each a tensor-core dot of
     depth BK/2: NF4 bytes decode straight into that layout.
     """
-    # -- program id -> output tile, grouped along M so neighbouring programs share W tiles ---
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rj = tl.arange(0, BK // 2)
@@ -203,6 +188,94 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+
+
+@triton.jit
+def _fused_linear_kernel(
+    # pointers: activations and outputs
+    x_ptr, out_ptr, bias_ptr, ax_ptr,
+    # pointers: the weight (dense: w_ptr; NF4: w_ptr = packed bytes + the scale tensors)
+    w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+    # pointers: the adapter, A (r x K, any float dtype), B (N x r, fp32), R (r x r, fp32)
+    a_ptr, b_ptr, r_ptr,
+    # sizes (KH = K // 2: bytes per row of packed NF4)
+    M, N, K, KH, RANK,
+    # strides
+    stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
+    stride_an, stride_ak,
+    # meta-parameters
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias): one output tile per program."""
+    # program id -> output tile, grouped along M so neighbouring programs share W tiles
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    _linear_tile(pid_m, pid_n, x_ptr, out_ptr, bias_ptr, ax_ptr,
+                 w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                 a_ptr, b_ptr, r_ptr, M, N, K, KH, RANK,
+                 stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
+                 stride_an, stride_ak, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT,
+                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+
+
+@triton.jit
+def _fused_group_kernel(
+    x_ptr, M, K, KH, RANK, stride_xm, stride_xk,
+    # projection 0
+    o0, bias0, ax0, w0, am0, am20, c20, off0, code0, a0, b0, r0, N0, som0, son0, swn0, swk0,
+    san0, sak0,
+    # projection 1
+    o1, bias1, ax1, w1, am1, am21, c21, off1, code1, a1, b1, r1, N1, som1, son1, swn1, swk1,
+    san1, sak1,
+    # projection 2 (ignored when NUM_PROJ == 2)
+    o2, bias2, ax2, w2, am2, am22, c22, off2, code2, a2, b2, r2, N2, som2, son2, swn2, swk2,
+    san2, sak2,
+    NUM_PROJ: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Two or three projections of the same x (q/k/v, gate/up) in one launch.
+
+    The programs cover the N tiles of every projection in turn; each computes one output tile of
+    its projection exactly as the single kernel does, with that projection's weight, scales,
+    adapter and bias.
+    """
+    t0 = tl.cdiv(N0, BN)
+    t1 = tl.cdiv(N1, BN)
+    t2 = tl.cdiv(N2, BN) if NUM_PROJ == 3 else 0
+    tiles = t0 + t1 + t2
+    pid = tl.program_id(0)
+    pid_m = pid // tiles
+    t = pid % tiles
+    if t < t0:
+        _linear_tile(pid_m, t, x_ptr, o0, bias0, ax0, w0, am0, am20, c20, off0, code0,
+                     a0, b0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
+                     swn0, swk0, san0, sak0, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+    elif t < t0 + t1:
+        _linear_tile(pid_m, t - t0, x_ptr, o1, bias1, ax1, w1, am1, am21, c21, off1, code1,
+                     a1, b1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
+                     swn1, swk1, san1, sak1, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+    else:
+        if NUM_PROJ == 3:
+            _linear_tile(pid_m, t - t0 - t1, x_ptr, o2, bias2, ax2, w2, am2, am22, c22, off2,
+                         code2, a2, b2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk, som2,
+                         son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
+                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
 
 
 @triton.jit
@@ -290,6 +363,63 @@ def check_supported(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     return None
 
 
+def _check_projection(x: torch.Tensor, weight, bias, factors, who: str):
+    """Validate one (weight, bias, factors) for input x; return (N, K)."""
+    why = check_supported(x, weight)
+    if why is not None:
+        raise ValueError(f"{who}: {why}")
+    n, k = weight.shape if isinstance(weight, NF4Weight) else tuple(weight.shape)
+    if x.shape[-1] != k:
+        raise ValueError(f"{who}: x has {x.shape[-1]} features, the weight expects {k}")
+    if factors is not None:
+        rank = factors.A.shape[0]
+        if not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"{who}: adapter rank {rank} is outside [1, {MAX_RANK}]")
+        if factors.A.shape != (rank, k) or factors.B.shape != (n, rank) or \
+                factors.R.shape != (rank, rank):
+            raise ValueError(f"{who}: adapter shapes A {tuple(factors.A.shape)}, B "
+                             f"{tuple(factors.B.shape)}, R {tuple(factors.R.shape)} do not fit "
+                             f"an ({n}, {k}) layer")
+        for name, t in (("A", factors.A), ("B", factors.B), ("R", factors.R)):
+            if t.device != x.device:
+                raise ValueError(f"{who}: adapter factor {name} is on {t.device}, x on "
+                                 f"{x.device}")
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"{who}: bias must be ({n},) on {x.device}")
+    return n, k
+
+
+def _projection_args(weight, bias, factors, out, ax):
+    """The 19 kernel arguments of one projection, in ``_linear_tile``'s order."""
+    dummy = out                                           # placeholder, never read
+    if factors is not None:
+        A = factors.A
+        B = factors.B.to(torch.float32).contiguous()
+        R = factors.R.to(torch.float32).contiguous()
+        stride_a = A.stride()
+    else:
+        A = B = R = dummy
+        stride_a = (0, 0)
+    if isinstance(weight, NF4Weight):
+        w_args, stride_w, n = _nf4_pointer_args(weight, dummy), (0, 0), weight.shape[0]
+    else:
+        w_args, stride_w, n = (weight,) + (dummy,) * 5, weight.stride(), weight.shape[0]
+    return (out, dummy if bias is None else bias, dummy if ax is None else ax, *w_args, A, B, R,
+            n, out.stride(0), out.stride(1), *stride_w, *stride_a)
+
+
+def _meta(weight, factors, bias, ax, x, cfg: KernelConfig):
+    is_nf4 = isinstance(weight, NF4Weight)
+    rank = 0 if factors is None else factors.A.shape[0]
+    return dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+                R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
+                BLOCKSIZE2=weight.blocksize2 if is_nf4 else 256,
+                IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4 and weight.double_quant,
+                HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None,
+                STORE_AX=ax is not None, FP32_DOT=x.dtype == torch.float32,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+
+
 def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
                  bias: Optional[torch.Tensor] = None, factors: Optional[AdapterFactors] = None,
                  *, out_dtype: Optional[torch.dtype] = None, store_ax: bool = False,
@@ -301,29 +431,7 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     ``store_ax``, also ``A x`` as an (M, r) fp32 tensor. ``out``, when given, is a contiguous
     (M, N) tensor the result is written into (e.g. a buffer captured by a CUDA graph).
     """
-    why = check_supported(x, weight)
-    if why is not None:
-        raise ValueError(f"fused_linear: {why}")
-    is_nf4 = isinstance(weight, NF4Weight)
-    n, k = weight.shape if is_nf4 else tuple(weight.shape)
-    if x.shape[-1] != k:
-        raise ValueError(f"fused_linear: x has {x.shape[-1]} features, the weight expects {k}")
-    if factors is not None:
-        rank = factors.A.shape[0]
-        if not 1 <= rank <= MAX_RANK:
-            raise ValueError(f"fused_linear: adapter rank {rank} is outside [1, {MAX_RANK}]")
-        if factors.A.shape != (rank, k) or factors.B.shape != (n, rank) or \
-                factors.R.shape != (rank, rank):
-            raise ValueError(f"fused_linear: adapter shapes A {tuple(factors.A.shape)}, B "
-                             f"{tuple(factors.B.shape)}, R {tuple(factors.R.shape)} do not fit "
-                             f"an ({n}, {k}) layer")
-        for name, t in (("A", factors.A), ("B", factors.B), ("R", factors.R)):
-            if t.device != x.device:
-                raise ValueError(f"fused_linear: adapter factor {name} is on {t.device}, x on "
-                                 f"{x.device}")
-    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
-        raise ValueError(f"fused_linear: bias must be ({n},) on {x.device}")
-
+    n, k = _check_projection(x, weight, bias, factors, "fused_linear")
     out_dtype = x.dtype if out_dtype is None else out_dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)            # a view when it can be; the kernel takes any strides
@@ -337,40 +445,69 @@ def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     rank = 0 if factors is None else factors.A.shape[0]
     ax = (torch.empty(m, rank, dtype=torch.float32, device=x.device)
           if store_ax and factors is not None else None)
-    if m == 0:
-        return (out.view(*lead, n), ax) if store_ax else out.view(*lead, n)
-
-    cfg = config or pick_config(m, n, k)
-    if factors is not None:
-        A = factors.A
-        B = factors.B.to(torch.float32).contiguous()
-        R = factors.R.to(torch.float32).contiguous()
-    else:
-        A = B = R = out                                  # placeholders, never read
-    dummy = out
-    if is_nf4:
-        w_args = _nf4_pointer_args(weight, dummy)
-        stride_w = (0, 0)
-    else:
-        w_args = (weight, dummy, dummy, dummy, dummy, dummy)
-        stride_w = weight.stride()
-    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
-    _fused_linear_kernel[grid](
-        x2, out, bias if bias is not None else dummy, ax if ax is not None else dummy,
-        *w_args, A, B, R,
-        m, n, k, k // 2, rank,
-        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *stride_w,
-        A.stride(0) if factors is not None else 0, A.stride(1) if factors is not None else 0,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-        R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
-        BLOCKSIZE2=weight.blocksize2 if is_nf4 else 256,
-        IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4 and weight.double_quant,
-        HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None, STORE_AX=ax is not None,
-        FP32_DOT=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-    )
+    if m > 0:
+        cfg = config or pick_config(m, n, k)
+        args = _projection_args(weight, bias, factors, out, ax)
+        # the single kernel takes x first and the sizes in another order than the group one
+        (o, b_, a_x, w, am, am2, c2, off, code, A, B, R, _, som, son, swn, swk, san, sak) = args
+        grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+        _fused_linear_kernel[grid](
+            x2, o, b_, a_x, w, am, am2, c2, off, code, A, B, R,
+            m, n, k, k // 2, rank, x2.stride(0), x2.stride(1), som, son, swn, swk, san, sak,
+            GROUP_M=cfg.GROUP_M, **_meta(weight, factors, bias, ax, x, cfg))
     out = out.view(*lead, n)
     return (out, ax) if store_ax else out
+
+
+def fused_linear_group(x: torch.Tensor, projections, *, out_dtype: Optional[torch.dtype] = None,
+                       store_ax: bool = False, config: Optional[KernelConfig] = None):
+    """Two or three projections of one input in ONE launch: q/k/v, or gate/up.
+
+    ``projections``: a sequence of ``(weight, bias, factors)``, each as :func:`fused_linear`
+    takes them, all NF4 (same double-quant setting) or all dense, with the same K, all with or
+    all without bias and adapter (same rank). Returns the list of outputs (and, with
+    ``store_ax``, the list of ``A x``). At decode the k/v projections alone are far below one
+    launch's cost; here they ride in the q launch.
+    """
+    projections = list(projections)
+    if not 2 <= len(projections) <= 3:
+        raise ValueError(f"fused_linear_group takes 2 or 3 projections, got {len(projections)}")
+    shapes = [_check_projection(x, w, b, f, f"fused_linear_group[{i}]")
+              for i, (w, b, f) in enumerate(projections)]
+    first_w, first_b, first_f = projections[0]
+
+    def kind(w):
+        return ("nf4", w.double_quant, w.blocksize2) if isinstance(w, NF4Weight) else ("dense",)
+
+    for i, (w, b, f) in enumerate(projections[1:], 1):
+        if kind(w) != kind(first_w):
+            raise ValueError(f"fused_linear_group: projection {i} is stored as {kind(w)}, "
+                             f"projection 0 as {kind(first_w)}")
+        if (b is None) != (first_b is None) or (f is None) != (first_f is None):
+            raise ValueError("fused_linear_group: every projection needs a bias, or none; an "
+                             "adapter, or none")
+        if f is not None and f.A.shape[0] != first_f.A.shape[0]:
+            raise ValueError("fused_linear_group: the adapters' ranks differ")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    k = shapes[0][1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    outs = [torch.empty(m, n, dtype=out_dtype, device=x.device) for n, _ in shapes]
+    rank = 0 if first_f is None else first_f.A.shape[0]
+    axs = [torch.empty(m, rank, dtype=torch.float32, device=x.device)
+           if store_ax and first_f is not None else None for _ in projections]
+    if m > 0:
+        cfg = config or pick_config(m, max(n for n, _ in shapes), k)
+        packs = [_projection_args(w, b, f, o, a)
+                 for (w, b, f), o, a in zip(projections, outs, axs)]
+        packs += [packs[-1]] * (3 - len(packs))          # an unused third slot
+        tiles = sum(triton.cdiv(n, cfg.BN) for n, _ in shapes)
+        _fused_group_kernel[(triton.cdiv(m, cfg.BM) * tiles,)](
+            x2, m, k, k // 2, rank, x2.stride(0), x2.stride(1), *packs[0], *packs[1], *packs[2],
+            NUM_PROJ=len(projections), **_meta(first_w, first_f, first_b, axs[0], x, cfg))
+    outs = [o.view(*lead, n) for o, (n, _) in zip(outs, shapes)]
+    return (outs, axs) if store_ax else outs
 
 
 def _nf4_pointer_args(weight: NF4Weight, dummy: torch.Tensor):
