@@ -154,8 +154,8 @@ class TinyLoRALinear(nn.Module):
 
             return fused_tinylora_linear(x.to(compute_dtype), weight, self.base_layer.bias,
                                          self.adapter_factors(), out_dtype)
-        base, out_dtype = self._base_forward(x)
-        return add_adapter(base, x, self.adapter_factors(), out_dtype)
+        return add_adapter(self._base_forward(x, compute_dtype), x, self.adapter_factors(),
+                           out_dtype)
 
     def _dtypes(self, x: torch.Tensor):
         """(dtype the base product is computed in, dtype of the output) for input x."""
@@ -168,17 +168,13 @@ class TinyLoRALinear(nn.Module):
         dtype = layer.weight.dtype
         return dtype, (dtype if x.dtype == dtype else x.dtype)
 
-    def _base_forward(self, x: torch.Tensor):
-        """(base output, dtype of the layer's output); the output is rounded once, at the end."""
-        layer = self.base_layer
-        if not self.is_quantized:
-            w = layer.weight
-            if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-                # nn.Linear would raise; compute in the weight's dtype, answer in x's.
-                return layer(x.to(w.dtype)), x.dtype
-            base = layer(x)
-            return base, base.dtype
-        return _linear4bit_forward(layer, x), x.dtype
+    def _base_forward(self, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        """The base layer's product, left in its compute dtype (the output is rounded once,
+        after the adapter is added). A dense base given another dtype than its weight computes
+        in the weight's dtype, where ``nn.Linear`` itself would raise."""
+        if self.is_quantized:
+            return _linear4bit_forward(self.base_layer, x)
+        return self.base_layer(x.to(compute_dtype))
 
     # -- dtype conversions keep the bf16 buffers -----------------------------------------------
     def _apply(self, fn, recurse=True):
