@@ -101,6 +101,7 @@ def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
 
 
 def format_table(results: List[dict]) -> str:
+    """The check results as an aligned text table."""
     head = ("model", "projection", "path", "dtype", "layers", "worst err", "budget", "status")
     lines = []
     for r in results:
@@ -115,6 +116,7 @@ def format_table(results: List[dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``tinylora-kernels``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="tinylora-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")

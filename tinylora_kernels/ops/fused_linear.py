@@ -301,6 +301,8 @@ def _nf4_dequant_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """Tile shape and launch parameters of the fused kernel (see :func:`pick_config`)."""
+
     BM: int
     BN: int
     BK: int
