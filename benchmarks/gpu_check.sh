@@ -17,6 +17,7 @@ b.__version__, '|', torch.cuda.get_device_name())"
 # CUDA tier: what the interpreter cannot check (bf16, compiled code paths, bitsandbytes' CUDA
 # decode); the CPU tiers run in CI. GPU_TESTS=all runs every kernel case (slow: compiles),
 # GPU_TESTS=none skips the tier (the benchmark still checks each case against float64).
+# GPU_SWEEP=1 adds a sweep of the fused kernel's decode tile shapes.
 sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact"}
 if [ "$sel" = all ]; then sel=""; fi
 if [ "$sel" != none ]; then
@@ -24,5 +25,5 @@ if [ "$sel" != none ]; then
         tests/test_nf4.py -k "$sel" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 12
 fi
 
-timeout 125 python3 benchmarks/gpu_forward.py --out "$OUT/gpu_forward.json" 2>&1 \
+timeout 125 python3 benchmarks/gpu_forward.py ${GPU_SWEEP:+--sweep} --out "$OUT/gpu_forward.json" 2>&1 \
     | tee "$OUT/gpu_forward.log" | tail -n 32

@@ -32,8 +32,8 @@ import triton
 from triton.testing import do_bench
 
 from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
-from tinylora_kernels.ops.fused_linear import (dequant_cublas_linear, forward_path, fused_linear,
-                                               pick_config)
+from tinylora_kernels.ops.fused_linear import (KernelConfig, dequant_cublas_linear, forward_path,
+                                               fused_linear, pick_config)
 from tinylora_kernels.reference import AdapterFactors
 
 SHAPES_3B = {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (11008, 2048),
@@ -121,6 +121,24 @@ def run_case(name, n, k, m, gen, cap):
     return row
 
 
+def decode_sweep(gen, cap):
+    """Decode tile shapes of the fused kernel under CUDA graphs (for pick_config)."""
+    rows = []
+    for name in ("gate/up", "q/o"):
+        n, k = SHAPES_3B[name]
+        _, _, _, nf4, x, f = make_case(n, k, 1, gen)
+        floor_us = (n * k * NF4_BYTES_PER_WEIGHT + 2 * (k + n)) / (cap["copy_GBps"] * 1e3)
+        for bn in (16, 32, 64):
+            for warps in (4, 8):
+                for ax_dot in (False, True):
+                    cfg = KernelConfig(BM=16, BN=bn, BK=64, num_warps=warps, num_stages=3,
+                                       ax_dot=ax_dot)
+                    t = bench_graph(lambda: fused_linear(x, nf4, None, f, config=cfg))
+                    rows.append({"shape": name, "M": 1, "config": cfg.__dict__,
+                                 "floor_us": floor_us, **t})
+    return rows
+
+
 def graph_check(gen):
     """Capture the fused forward at M=1 in a CUDA graph; its replay must equal eager."""
     n, k = 11008, 2048
@@ -152,6 +170,19 @@ def environment():
             "torch": torch.__version__, "triton": triton.__version__,
             "bitsandbytes": bnb.__version__, "python": platform.python_version(),
             "bnb_dispatch": "gemm_4bit (fused kernel for small M, dequantize + cuBLAS above)"}
+
+
+def sweep_table(rows) -> str:
+    if not rows:
+        return ""
+    out = ["", "Decode sweep (M=1, CUDA graphs), µs:", "",
+           "| shape | BN | warps | A x on tensor cores | median µs | / floor |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["config"]
+        med = r.get("median_us", float("nan"))
+        out.append(f"| {r['shape']} | {c['BN']} | {c['num_warps']} | {c['ax_dot']} | {med:.1f} | "
+                   f"{med / r['floor_us']:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 def table(data) -> str:
@@ -187,6 +218,8 @@ def table(data) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="1,16,4096")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time decode tile shapes of the fused kernel (CUDA graphs)")
     ap.add_argument("--out", default="benchmarks/results/gpu_forward.json")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -203,12 +236,15 @@ def main():
                   f"deq_cublas {row['times']['deq_cublas']['median_us']:.1f} us, errors "
                   f"{row['max_err']} (bnb+torch {row['bnb_peft_max_err']:.2e})", flush=True)
     data["cuda_graph"] = graph_check(gen)
+    if args.sweep:
+        data["decode_sweep"] = decode_sweep(gen, cap)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1))
     md = (f"{data['env']['gpu']}, torch {data['env']['torch']}, triton {data['env']['triton']}, "
           f"bitsandbytes {data['env']['bitsandbytes']}; copy {cap['copy_GBps']:.0f} GB/s, bf16 "
           f"{cap['bf16_TFLOPs']:.0f} TFLOP/s; medians, L2 flushed\n\n" + table(data)
-          + f"\n\nCUDA graph (11008x2048, M=1): {data['cuda_graph']}\n")
+          + f"\n\nCUDA graph (11008x2048, M=1): {data['cuda_graph']}\n"
+          + sweep_table(data.get("decode_sweep", [])))
     Path(args.out).with_suffix(".md").write_text(md)
     print(md)
 

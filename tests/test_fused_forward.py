@@ -326,3 +326,22 @@ def test_group_launch_dense_and_errors(rng):
     with pytest.raises(ValueError, match=r"fused_linear_group\[1\].*130"):
         fused_linear_group(x, [(ws[0], None, None),
                                (torch.zeros(8, 130, device=KERNEL_DEVICE), None, None)])
+
+
+@needs_bnb
+@pytest.mark.parametrize("m", [1, 20])
+def test_adapter_on_tensor_cores_variant(m, rng):
+    # KernelConfig.ax_dot computes A x with tl.dot (16-bit inputs); same results within rounding
+    from tinylora_kernels.ops.fused_linear import KernelConfig, fused_linear
+
+    n, k = 48, 192
+    w = _nf4(n, k, True, rng)
+    x = torch.randn(m, k, generator=rng).to(torch.float16).to(KERNEL_DEVICE)
+    f = _factors(n, k, 2, rng)
+    base_cfg = dict(BM=16, BN=32, BK=64, num_warps=4 if CUDA else 1,
+                    num_stages=2 if CUDA else 1)
+    y, ax = fused_linear(x, w, None, f, store_ax=True, config=KernelConfig(**base_cfg,
+                                                                           ax_dot=True))
+    W = dequantize_nf4(w, torch.float32)
+    _assert_within(y, tinylora_linear_reference(x, w, f, None), _f64(x, W, f, None))
+    torch.testing.assert_close(ax.double(), x.double() @ f.A.double().T, rtol=1e-3, atol=1e-3)

@@ -113,6 +113,7 @@ def _linear_tile(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr,
 ):
     """Output tile (pid_m, pid_n): x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
 
@@ -160,7 +161,15 @@ def _linear_tile(
         else:
             acc = tl.dot(x_even, tl.trans(w_even), acc)
             acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-        if HAS_ADAPTER:
+        if HAS_ADAPTER and AX_DOT:
+            # A x on the tensor cores, A padded to R_PAD rows (idle MMA units at decode)
+            a_rows = a_ptr + rr[:, None] * stride_an
+            mask_a = mask_r[:, None] & mask_k[None, :]
+            a_even = tl.load(a_rows + ke[None, :] * stride_ak, mask=mask_a, other=0.0)
+            a_odd = tl.load(a_rows + (ke + 1)[None, :] * stride_ak, mask=mask_a, other=0.0)
+            ax = tl.dot(x_even, tl.trans(a_even.to(x_even.dtype)), ax)
+            ax = tl.dot(x_odd, tl.trans(a_odd.to(x_even.dtype)), ax)
+        elif HAS_ADAPTER:
             # r (<= 16) dot products per row on the CUDA cores: A x costs r/BN of the main
             # product's work and needs no padded tensor-core tile
             for i in range(RANK):
@@ -210,6 +219,7 @@ def _fused_linear_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias): one output tile per program."""
     # program id -> output tile, grouped along M so neighbouring programs share W tiles
@@ -226,7 +236,7 @@ def _fused_linear_kernel(
                  a_ptr, b_ptr, r_ptr, M, N, K, KH, RANK,
                  stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
                  stride_an, stride_ak, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT,
-                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
 
 
 @triton.jit
@@ -246,6 +256,7 @@ def _fused_group_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr,
 ):
     """Two or three projections of the same x (q/k/v, gate/up) in one launch.
 
@@ -264,18 +275,18 @@ def _fused_group_kernel(
         _linear_tile(pid_m, t, x_ptr, o0, bias0, ax0, w0, am0, am20, c20, off0, code0,
                      a0, b0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
                      swn0, swk0, san0, sak0, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
     elif t < t0 + t1:
         _linear_tile(pid_m, t - t0, x_ptr, o1, bias1, ax1, w1, am1, am21, c21, off1, code1,
                      a1, b1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
                      swn1, swk1, san1, sak1, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
     else:
         if NUM_PROJ == 3:
             _linear_tile(pid_m, t - t0 - t1, x_ptr, o2, bias2, ax2, w2, am2, am22, c22, off2,
                          code2, a2, b2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk, som2,
                          son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT)
+                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
 
 
 @triton.jit
@@ -309,6 +320,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     GROUP_M: int = 8
+    #: A x on the tensor cores (16-bit inputs only) instead of r CUDA-core reductions per step
+    ax_dot: bool = False
 
 
 def pick_config(M: int, N: int, K: int) -> KernelConfig:
@@ -419,6 +432,7 @@ def _meta(weight, factors, bias, ax, x, cfg: KernelConfig):
                 IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4 and weight.double_quant,
                 HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None,
                 STORE_AX=ax is not None, FP32_DOT=x.dtype == torch.float32,
+                AX_DOT=cfg.ax_dot and x.dtype != torch.float32,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
