@@ -51,12 +51,54 @@ class TinyLoRAGlobalParams(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.global_v
 
+    def compute_view(self, device) -> torch.Tensor:
+        """v in fp32 (float64 for float64 v) on ``device``, one tensor per version of v.
+
+        Every layer builds its R from this same tensor, so autograd sums the layers' gradients
+        of v in fp32 and rounds once to v's dtype, instead of adding 252 bf16 gradients in bf16.
+        """
+        v = self.global_v
+        key = (v._version, torch.is_grad_enabled(), torch.device(device))
+        cached = self._view_cache.get(v, key)
+        if cached is None:
+            cached = v.to(device=device, dtype=torch.promote_types(v.dtype, torch.float32))
+            self._view_cache.put(v, key, cached)
+        return cached
+
+    @property
+    def _view_cache(self):
+        cache = self.__dict__.get("_view_cache_")
+        if cache is None:
+            cache = self.__dict__["_view_cache_"] = _ViewCache()
+        return cache
+
     def _apply(self, fn, recurse=True):
         old = self.global_v.data
         super()._apply(fn, recurse)
         if self.global_v.dtype != old.dtype:
             self.global_v.data = old.to(self.global_v.device)
         return self
+
+
+class _ViewCache:
+    """One cached view of v; never copied (a copy of a model starts with an empty cache)."""
+
+    def __init__(self):
+        self.entry = None
+
+    def get(self, v, key):
+        if self.entry is not None and self.entry[0] is v and self.entry[1] == key:
+            return self.entry[2]
+        return None
+
+    def put(self, v, key, view):
+        self.entry = (v, key, view)
+
+    def __deepcopy__(self, memo):
+        return _ViewCache()
+
+    def __getstate__(self):
+        return {"entry": None}
 
 
 class TinyLoRALinear(nn.Module):
@@ -138,11 +180,11 @@ class TinyLoRALinear(nn.Module):
     # -- the factors -------------------------------------------------------------------------
     def adapter_factors(self) -> AdapterFactors:
         """A = Vh, B = U diag(S), R from v and P (computed in fp32, or float64 for float64 v)."""
-        v = self.global_params_ref.global_v
-        acc = torch.promote_types(v.dtype, torch.float32)
+        v = self.global_params_ref.compute_view(self.P.device)
+        acc = v.dtype
         s = self.S.to(acc)
         B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
-        R = projection_matrix(v.to(self.P.device), self.P, self.projection)
+        R = projection_matrix(v, self.P, self.projection)
         return AdapterFactors(A=self.Vh, B=B, R=R)
 
     # -- forward -----------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The autograd wrapper of the fused forward: launch, save, return.
 
-Backward, until the fused backward kernels land, runs the reference math on the saved state:
+Forward: ``y = x Wᵀ + B (R (A x)) + bias``, saving only ``A x`` (M x r, fp32) besides the small
+factors (x itself is never saved: the weight is frozen). With ``gb = g B`` (M x r) for an upstream
+gradient g (M x N), the chain rule gives
 
-* d x = g · dequant(W) + ((g B) R) A      (the weight decoded in the gradient's dtype)
-* d R = (g B)ᵀ (A x)                       (A x saved by the forward kernel: M x r, fp32)
-* d bias = Σ_rows g                        (only when the bias is trainable)
+* d x = g W + (gb R) A      -- one kernel (:func:`fused_grad_x`) reading W transposed from its
+  storage and accumulating gb in the same pass over N; no N x K matrix is formed;
+* d R = gbᵀ (A x)           -- r x r; autograd takes it on to v through R = Σ v_i P_i (or diag);
+* d bias = Σ_rows g         -- only when the bias is trainable.
 
-v receives its gradient through R = f(v, P), which autograd differentiates outside.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
-from .fused_linear import dequantize_nf4_triton, tinylora_linear
+from .fused_linear import fused_grad_x, tinylora_linear
 
 
 class _FusedTinyLoRALinear(torch.autograd.Function):
@@ -38,20 +39,18 @@ class _FusedTinyLoRALinear(torch.autograd.Function):
     def backward(ctx, g):
         ax, A, B, R = ctx.saved_tensors
         x_dtype, x_shape = ctx.x_meta
-        n = g.shape[-1]
-        g2 = g.reshape(-1, n)
-        gb = g2.float() @ B.float()                                # (M, r)
+        factors = AdapterFactors(A=A, B=B, R=R)
         grad_x = grad_r = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.weight
-            dense = (dequantize_nf4_triton(w, x_dtype) if isinstance(w, NF4Weight)
-                     else w.to(x_dtype))
-            grad_x = g2.to(x_dtype) @ dense
-            grad_x = (grad_x.float() + (gb @ R.float()) @ A.float()).to(x_dtype).view(x_shape)
+            grad_x, gb = fused_grad_x(g.to(x_dtype), ctx.weight, factors, x_dtype=x_dtype,
+                                      store_gb=True)
+            grad_x = grad_x.view(x_shape)
+        elif ctx.needs_input_grad[1]:
+            gb = g.reshape(-1, g.shape[-1]).float() @ B.float()
         if ctx.needs_input_grad[1]:
             grad_r = (gb.t() @ ax).to(R.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = g2.float().sum(0).to(g.dtype)
+            grad_bias = g.reshape(-1, g.shape[-1]).float().sum(0).to(g.dtype)
         return grad_x, grad_r, grad_bias, None, None, None, None
 
 

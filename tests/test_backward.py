@@ -1,0 +1,205 @@
+"""Training: the fused backward (grad x, grad v) vs float64, fp32 sums of v's gradient, and a
+few real optimizer steps on a tiny 4-bit Qwen2 through both paths."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import CUDA, HAS_BNB, KERNEL_DEVICE, make_linear, needs_bnb, needs_triton
+from tinylora_kernels import TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora
+from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
+from tinylora_kernels.reference import AdapterFactors
+from tinylora_kernels.testing import tiny_qwen2
+
+if HAS_BNB:
+    import bitsandbytes.functional as bnbF
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+if CUDA:
+    DTYPES["bf16"] = torch.bfloat16
+
+
+@needs_triton
+@needs_bnb
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 3, 17, 65])
+def test_fused_grad_x(m, dtype, double_quant, adapter, rng):
+    from tinylora_kernels.ops.fused_linear import fused_grad_x
+
+    n, k, dt = 70, 192, DTYPES[dtype]
+    w = torch.randn(n, k, generator=rng) * 0.05
+    packed, qs = bnbF.quantize_4bit(w.to(KERNEL_DEVICE), quant_type="nf4",
+                                    compress_statistics=double_quant)
+    nf4 = NF4Weight.from_quant_state(packed, qs)
+    f = AdapterFactors(A=(torch.randn(2, k, generator=rng) / k ** 0.5).bfloat16(),
+                       B=torch.randn(n, 2, generator=rng), R=torch.randn(2, 2, generator=rng))
+    f = AdapterFactors(*(t.to(KERNEL_DEVICE) for t in (f.A, f.B, f.R))) if adapter else None
+    g = torch.randn(m, n, generator=rng).to(dt).to(KERNEL_DEVICE)
+    out = torch.full((m, k), float("nan"), dtype=dt, device=KERNEL_DEVICE)
+    gx, gb = fused_grad_x(g, nf4, f, x_dtype=dt, store_gb=True, out=out)
+    assert torch.isfinite(gx).all() and gx.data_ptr() == out.data_ptr()
+    W = dequantize_nf4(nf4, torch.float64)
+    truth = g.double() @ W
+    lowp = g @ dequantize_nf4(nf4, dt)         # torch's own product in this dtype
+    if adapter:
+        extra = ((g.double() @ f.B.double()) @ f.R.double()) @ f.A.double()
+        truth = truth + extra
+        lowp = lowp + (((g.float() @ f.B) @ f.R) @ f.A.float()).to(dt)
+        torch.testing.assert_close(gb.double(), g.double() @ f.B.double(), rtol=1e-3, atol=1e-3)
+    err = (gx.double() - truth).abs().max().item()
+    budget = 2 * (lowp.double() - truth).abs().max().item() + 1e-4
+    assert err <= budget, f"grad x error {err:.3e} > {budget:.3e}"
+
+
+def test_v_gradient_is_summed_in_fp32_over_layers():
+    # 40 layers share one bf16 v: its gradient must be the fp32 sum rounded once
+    def chain(v_dtype):
+        torch.manual_seed(0)
+        gp = TinyLoRAGlobalParams(u_dim=5, dtype=v_dtype)
+        layers = torch.nn.Sequential(*[TinyLoRALinear(make_linear(16, 16, seed=i), 2, None, gp)
+                                       for i in range(40)])
+        with torch.no_grad():
+            gp.global_v.copy_(torch.linspace(-0.3, 0.3, 5).bfloat16())   # same values in both
+        return layers, gp
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    lo, gp_lo = chain(torch.bfloat16)
+    hi, gp_hi = chain(torch.float32)
+    lo(x).square().sum().backward()
+    hi(x).square().sum().backward()
+    assert gp_lo.global_v.grad.dtype == torch.bfloat16
+    assert torch.equal(gp_lo.global_v.grad, gp_hi.global_v.grad.to(torch.bfloat16))
+
+
+def _train(model, gp, ids, steps=4, lr=0.05):
+    opt = torch.optim.Adam([gp.global_v], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@needs_bnb
+def test_training_steps_lower_the_loss_and_change_only_v(monkeypatch):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    def run(backend):
+        monkeypatch.setenv("TINYLORA_BACKEND", backend)
+        model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, dtype=torch.float32)
+        model.requires_grad_(False)
+        gp = TinyLoRAGlobalParams(u_dim=8, dtype=torch.float32)
+        torch.manual_seed(0)
+        apply_tiny_lora(model, gp, progress=False)
+        gp.global_v.requires_grad_(True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
+        losses = _train(model, gp, ids)
+        after = model.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        return losses, changed, gp.global_v.detach().clone()
+
+    losses, changed, v_ref = run("reference")
+    assert losses[-1] < losses[0]
+    assert changed == ["tiny_lora_params.global_v"]
+    from conftest import HAS_TRITON
+    if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("kernel path needs Triton and a GPU or TRITON_INTERPRET=1")
+    losses_k, changed_k, v_k = run("triton")
+    assert changed_k == ["tiny_lora_params.global_v"]
+    torch.testing.assert_close(torch.tensor(losses_k), torch.tensor(losses), rtol=1e-3,
+                               atol=1e-3)
+    torch.testing.assert_close(v_k, v_ref, rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_forward_backward():
+    model = tiny_qwen2(quantized=False, dtype=torch.float32)
+    gp = TinyLoRAGlobalParams(u_dim=4, dtype=torch.float32)
+    apply_tiny_lora(model, gp, progress=False)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert gp.global_v.grad is not None and torch.isfinite(gp.global_v.grad).all()
+    assert gp.global_v.grad.abs().sum() > 0
+
+
+def _ddp_worker(rank, world, init_file, ids, result_file):
+    import torch.distributed as dist
+
+    # built before the process group exists: transformers saves only on the main rank once it does
+    model = tiny_qwen2(quantized=False, dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    model.requires_grad_(False)
+    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    gp.global_v.requires_grad_(True)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.linspace(-0.2, 0.2, 6))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    part = ids.chunk(world)[rank]
+    ddp(part, labels=part).loss.backward()
+    if rank == 0:
+        torch.save(gp.global_v.grad.clone(), result_file)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    ids = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(9))
+    result = tmp_path / "grad.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), ids, str(result)), nprocs=2,
+             join=True)
+    ddp_grad = torch.load(result)
+    # one process, the whole batch: the mean of the two halves' losses (DDP averages gradients)
+    model = tiny_qwen2(quantized=False, dtype=torch.float32)
+    model.requires_grad_(False)
+    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    gp.global_v.requires_grad_(True)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.linspace(-0.2, 0.2, 6))
+    loss = sum(model(half, labels=half).loss for half in ids.chunk(2)) / 2
+    loss.backward()
+    torch.testing.assert_close(ddp_grad, gp.global_v.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_activation_memory_is_x_plus_m_by_r(backend, monkeypatch):
+    # what autograd keeps for backward, beyond x itself and the frozen weights/factors: A x only
+    if backend == "triton":
+        from conftest import HAS_TRITON
+        if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+            pytest.skip("needs Triton and a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("TINYLORA_BACKEND", backend)
+    m, n, k = 33, 96, 128
+    base = make_linear(n, k).to(KERNEL_DEVICE)
+    gp = TinyLoRAGlobalParams(u_dim=4, dtype=torch.float32).to(KERNEL_DEVICE)
+    layer = TinyLoRALinear(base, global_params_ref=gp)
+    x = torch.randn(m, k, device=KERNEL_DEVICE, requires_grad=True)
+    frozen = {t.data_ptr() for t in list(layer.buffers()) + list(base.parameters())}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    extra = [t for t in saved if t.data_ptr() != x.data_ptr() and t.data_ptr() not in frozen
+             and t.numel() > 64]                     # ignore the r x r / (u, r, r) pieces
+    assert all(t.numel() <= m * 2 or t.shape in ((n, 2), (2, k)) for t in extra), \
+        [tuple(t.shape) for t in extra]
+    assert not any(t.numel() >= m * n or t.numel() >= n * k for t in extra)
+    y.sum().backward()
+    assert x.grad is not None and gp.global_v.grad is not None
