@@ -1,15 +1,4 @@
-"""The autograd wrapper of the fused forward: launch, save, return.
-
-Forward: ``y = x Wᵀ + B (R (A x)) + bias``, saving only ``A x`` (M x r, fp32) besides the small
-factors (x itself is never saved: the weight is frozen). With ``gb = g B`` (M x r) for an upstream
-gradient g (M x N), the chain rule gives
-
-* d x = g W + (gb R) A      -- one kernel (:func:`fused_grad_x`) reading W transposed from its
-  storage and accumulating gb in the same pass over N; no N x K matrix is formed;
-* d R = gbᵀ (A x)           -- r x r; autograd takes it on to v through R = Σ v_i P_i (or diag);
-* d bias = Σ_rows g         -- only when the bias is trainable.
-
-"""
+"""Autograd for the fused TinyLoRA linear: launch, save, return (derivation on the class)."""
 
 from __future__ import annotations
 
@@ -22,6 +11,21 @@ from .fused_linear import fused_grad_x, tinylora_linear
 
 
 class _FusedTinyLoRALinear(torch.autograd.Function):
+    """``y = x Wᵀ + B (R (A x)) + bias`` forward by the fused kernel, backward by one more.
+
+    Shapes: x (M, K), W (N, K) frozen (NF4 or dense), A (r, K), B (N, r), R (r, r) = f(v).
+    Forward saves only ``ax = A x`` (M x r, fp32) besides the small factors; x is not saved (W is
+    frozen, so no gradient needs it). With an upstream gradient g (M, N) and ``gb = g B`` (M, r):
+
+    * y depends on x through ``x Wᵀ`` and ``((x Aᵀ) Rᵀ) Bᵀ``, so
+      d x = g W + ((g B) R) A = g W + (gb R) A — one kernel (:func:`fused_grad_x`) reads W
+      transposed from its storage and accumulates gb in the same pass over N;
+    * y_mn depends on R_ij through ``Σ_i B_ni Σ_j R_ij ax_mj``, so d R_ij = Σ_m gb_mi ax_mj,
+      i.e. d R = gbᵀ ax (r x r); autograd carries it on to v through R = Σ v_i P_i (full) or
+      diag(v P) (diagonal), in fp32 (see ``TinyLoRAGlobalParams.compute_view``);
+    * d bias = Σ_rows g, only when the bias is trainable.
+    """
+
     @staticmethod
     def forward(ctx, x, R, bias, weight, A, B, out_dtype):
         need_grad = any(ctx.needs_input_grad[:3])
