@@ -27,3 +27,9 @@ fi
 
 timeout 125 python3 benchmarks/gpu_forward.py ${GPU_SWEEP:+--sweep} --out "$OUT/gpu_forward.json" 2>&1 \
     | tee "$OUT/gpu_forward.log" | tail -n 32
+
+# GPU_BACKWARD=1: the backward pass and a 4-layer training step (PERF_TARGETS T7)
+if [ -n "${GPU_BACKWARD:-}" ]; then
+    timeout 240 python3 benchmarks/gpu_backward.py --out "$OUT/gpu_backward.json" 2>&1 \
+        | tee "$OUT/gpu_backward.log" | tail -n 20
+fi
