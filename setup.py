@@ -21,7 +21,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "accelerate"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "accelerate", "matplotlib"],
     },
     entry_points={"console_scripts": ["tinylora-kernels=tinylora_kernels.cli:main"]},
 )

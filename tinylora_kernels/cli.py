@@ -4,6 +4,7 @@
   report every available computation path against the float64 formula, as a table. Exits 1 when
   a path is outside its error budget.
 * ``inspect CKPT``: what a ``tiny_lora_v.pt`` holds and what it needs to be restored.
+* ``bench``: the benchmark suite (see :mod:`tinylora_kernels.bench`); ``bench --compare A B``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_check.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p_inspect = sub.add_parser("inspect", help="what a tiny_lora_v.pt holds")
     p_inspect.add_argument("checkpoint")
+    p_bench = sub.add_parser("bench", help="every provider side by side against the floor")
+    p_bench.add_argument("--models", help="comma-separated: qwen2.5-coder-3b, qwen2.5-7b, "
+                         "cpu-reduced (default: 3b on a GPU, cpu-reduced on a CPU)")
+    p_bench.add_argument("--m", help="comma-separated row counts (default 1,16,128,4096 on a "
+                         "GPU, 1,16,128 on a CPU)")
+    p_bench.add_argument("--layers", help="comma-separated: q_proj ... down_proj, "
+                         "decoder_layer, stack<N> (default: every linear + decoder_layer)")
+    p_bench.add_argument("--modes", default="fwd", help="comma-separated: fwd, bwd, fwd+bwd")
+    p_bench.add_argument("--providers", default=",".join(
+        ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")))
+    p_bench.add_argument("--budget-s", type=float, default=600.0, help="total time budget")
+    p_bench.add_argument("--out", default="benchmarks/results", help="output directory")
+    p_bench.add_argument("--name", default=None, help="file stem (default: bench-<device>)")
+    p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"),
+                         help="compare two result files instead of running")
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        return _bench(args)
 
     if args.command == "inspect":
         from .checkpoint import CheckpointError, read_checkpoint
@@ -157,6 +176,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
+
+
+def _bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import bench
+
+    if args.compare:
+        a, b = (json.loads(Path(p).read_text()) for p in args.compare)
+        print(bench.compare(a, b), end="")
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    split = lambda v: [s for s in v.split(",") if s] if v else None   # noqa: E731
+    models = split(args.models)
+    unknown = [m for m in (models or []) if m not in bench.MODELS]
+    if unknown:
+        print(f"error: unknown model(s) {unknown}; choose from {list(bench.MODELS)}",
+              file=sys.stderr)
+        return 2
+    cases = bench.default_cases(device, models=models,
+                                ms=[int(v) for v in split(args.m)] if args.m else None,
+                                modes=split(args.modes), layers=split(args.layers))
+    providers = split(args.providers)
+    bad = [p for p in providers if p not in bench.PROVIDERS]
+    if bad:
+        print(f"error: unknown provider(s) {bad}; choose from {list(bench.PROVIDERS)}",
+              file=sys.stderr)
+        return 2
+    if device == "cpu":
+        print("No GPU here: CPU timings on reduced shapes; GPU figures need a GPU.")
+    data = bench.run_suite(cases, providers, device=device, budget_s=args.budget_s)
+    paths = bench.write_report(data, Path(args.out), args.name or f"bench-{device}")
+    print(bench.markdown(data), end="")
+    print("wrote " + ", ".join(str(p) for p in paths) + (f" ({data['plot']})"
+                                                        if data.get("plot") else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,439 @@
+"""The benchmark suite: every path side by side, against the floor, on real model shapes.
+
+``tinylora-kernels bench`` runs the default set and writes, under ``benchmarks/results/`` (or
+``--out``), raw JSON with the environment, a Markdown table and (with matplotlib) a PNG of
+time / floor by M, all generated from the JSON. ``tinylora-kernels bench compare A.json B.json``
+shows what got faster or slower beyond the noise.
+
+Cases: one linear layer of a model (``q_proj`` ... ``down_proj``), ``decoder_layer`` (its 7
+linears in a row) or ``stack<N>`` (N decoder layers), at M rows, in a mode: ``fwd``, ``bwd``
+(grad x and grad v, the forward graph given) or ``fwd+bwd``. Providers, on identical inputs:
+
+* ``materialized``: bitsandbytes 4-bit matmul + ΔW = U S R Vh rebuilt on every call (the users'
+  layer);
+* ``peft_style``: bitsandbytes 4-bit matmul + the factorized adapter in plain torch;
+* ``bnb_base``: bitsandbytes 4-bit matmul alone, no adapter;
+* ``dense_bf16``: ``F.linear`` on the unquantized weight + the factorized adapter;
+* ``reference``: this package's TinyLoRALinear, reference path;
+* ``fused``: this package's TinyLoRALinear through the Triton kernels (GPU, or the interpreter).
+
+Timing: on a GPU, ``triton.testing.do_bench`` medians and 20/80 % quantiles (it flushes the L2
+before every repetition), decode cases (M <= 16, fwd) also under a CUDA graph, and peak memory;
+on a CPU, medians of wall-clock repetitions, reduced shapes, and a line saying that GPU figures need
+a GPU. The floor: max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload",
+           "provider_missing", "run_suite", "markdown", "write_report", "compare"]
+
+#: (N, K) of every adapted linear, and the decoder-layer count, per model.
+MODELS: Dict[str, dict] = {
+    "qwen2.5-coder-3b": {"layers": 36, "shapes": {
+        "q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048),
+        "o_proj": (2048, 2048), "gate_proj": (11008, 2048), "up_proj": (11008, 2048),
+        "down_proj": (2048, 11008)}},
+    "qwen2.5-7b": {"layers": 28, "shapes": {
+        "q_proj": (3584, 3584), "k_proj": (512, 3584), "v_proj": (512, 3584),
+        "o_proj": (3584, 3584), "gate_proj": (18944, 3584), "up_proj": (18944, 3584),
+        "down_proj": (3584, 18944)}},
+    # the same structure at a size a 2-core CPU runs in seconds
+    "cpu-reduced": {"layers": 2, "shapes": {
+        "q_proj": (256, 256), "k_proj": (64, 256), "v_proj": (64, 256), "o_proj": (256, 256),
+        "gate_proj": (704, 256), "up_proj": (704, 256), "down_proj": (256, 704)}},
+}
+PROVIDERS = ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")
+MODES = ("fwd", "bwd", "fwd+bwd")
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+RANK, U = 2, 13
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    layer: str       # a linear's name, "decoder_layer", or "stack<N>"
+    M: int
+    mode: str
+
+    def linears(self) -> List[tuple]:
+        shapes = MODELS[self.model]["shapes"]
+        if self.layer in shapes:
+            return [(self.layer, *shapes[self.layer])]
+        repeat = int(self.layer[5:]) if self.layer.startswith("stack") else 1
+        return [(name, n, k) for _ in range(repeat) for name, (n, k) in shapes.items()]
+
+
+def default_cases(device: str, models=None, ms=None, modes=("fwd",), layers=None) -> List[Case]:
+    """The default set: every linear, plus the decoder layer, for each model, M and mode."""
+    if models is None:
+        models = ["qwen2.5-coder-3b"] if device == "cuda" else ["cpu-reduced"]
+    if ms is None:
+        ms = [1, 16, 128, 4096] if device == "cuda" else [1, 16, 128]
+    cases = []
+    for model in models:
+        names = layers or (list(MODELS[model]["shapes"]) + ["decoder_layer"])
+        cases += [Case(model, name, m, mode) for mode in modes for m in ms for name in names]
+    return cases
+
+
+# -- the layers each provider runs ------------------------------------------------------------
+class _Linear:
+    """One adapted linear in every form the providers need, built from one random weight."""
+
+    def __init__(self, n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator):
+        import bitsandbytes as bnb
+
+        from . import TinyLoRAGlobalParams, TinyLoRALinear
+
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        self.dense = w.to(device)
+        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True,
+                                quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False,
+                                       quant_type="nf4").to(device)
+        self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
+        self.layer = TinyLoRALinear(lin, RANK, None, self.gp, projection="diagonal",
+                                    svd="device" if device == "cuda" else "cpu",
+                                    generator=torch.Generator().manual_seed(n * 7 + k))
+        with torch.no_grad():
+            self.gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+        self.lin4 = lin
+
+    def base(self, x):
+        import bitsandbytes as bnb
+
+        # called directly: Linear4bit.forward would repack the weight in place on some CPUs
+        return bnb.matmul_4bit(x, self.lin4.weight.t(), quant_state=self.lin4.weight.quant_state)
+
+    def factors(self, dtype):
+        f = self.layer.adapter_factors()
+        return f.A.to(dtype), f.B.to(dtype), f.R.to(dtype)
+
+    def run(self, provider: str, x):
+        if provider == "bnb_base":
+            return self.base(x)
+        if provider in ("peft_style", "dense_bf16"):
+            A, B, R = self.factors(x.dtype)
+            base = self.base(x) if provider == "peft_style" else F.linear(x, self.dense)
+            return base + ((x @ A.t()) @ R.t()) @ B.t()
+        if provider == "materialized":
+            lay = self.layer
+            v = self.gp.global_v.to(torch.bfloat16)
+            R = torch.diag(v @ lay.P)
+            delta = (lay.U * lay.S) @ R @ lay.Vh               # out x in, every call
+            return self.base(x) + x @ delta.to(x.dtype).t()
+        with _backend("triton" if provider == "fused" else "reference"):
+            return self.layer(x)
+
+
+@contextmanager
+def _backend(name):
+    old = os.environ.get("TINYLORA_BACKEND")
+    os.environ["TINYLORA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYLORA_BACKEND", None)
+        else:
+            os.environ["TINYLORA_BACKEND"] = old
+
+
+def provider_missing(provider: str, device: str) -> Optional[str]:
+    """None when the provider can run on ``device``, else why not."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return "bitsandbytes is not installed"
+    if provider == "fused":
+        from .ops import triton_missing
+
+        why = triton_missing()
+        if why is None and device == "cpu":
+            why = "the Triton kernels are timed on a GPU (their CPU interpreter is for tests)"
+        return why
+    return None
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def _time(fn: Callable, device: str, budget_s: float) -> dict:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        lo, med, hi = do_bench(fn, warmup=10, rep=max(10, min(100, int(budget_s * 1e3))),
+                               quantiles=[0.2, 0.5, 0.8])
+        return {"median_us": med * 1e3, "p20_us": lo * 1e3, "p80_us": hi * 1e3}
+    fn()                                                       # warm-up outside the timing
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]   # noqa: E731
+    return {"median_us": statistics.median(times) * 1e6, "p20_us": q(0.2) * 1e6,
+            "p80_us": q(0.8) * 1e6}
+
+
+def _graph_time(fn: Callable) -> dict:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return _time(g.replay, "cuda", 0.1)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def measure_ceilings(device: str) -> dict:
+    """Copy bandwidth (read + write bytes) and matmul rate, measured now on ``device``."""
+    if device == "cuda":
+        src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+        dtype, size = torch.bfloat16, 8192
+    else:
+        src = torch.empty(1 << 27, dtype=torch.uint8)
+        dtype, size = torch.float32, 1024
+    dst = torch.empty_like(src)
+    copy_us = _time(lambda: dst.copy_(src), device, 0.5)["median_us"]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    mm_us = _time(lambda: a @ b, device, 0.5)["median_us"]
+    return {"copy_GBps": 2 * src.numel() / copy_us / 1e3,
+            "matmul_TFLOPs": 2 * size ** 3 / mm_us / 1e6, "matmul_dtype": str(dtype)}
+
+
+def floor_us(case: Case, ceilings: dict) -> float:
+    """max(bytes / bandwidth, FLOPs / matmul rate) for the NF4 problem of a case."""
+    nbytes = flops = 0.0
+    passes = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[case.mode]
+    for _, n, k in case.linears():
+        nbytes += passes * (n * k * NF4_BYTES_PER_WEIGHT + 2 * case.M * (n + k))
+        flops += passes * 2 * case.M * n * k
+    return max(nbytes / (ceilings["copy_GBps"] * 1e3),
+               flops / (ceilings["matmul_TFLOPs"] * 1e6))
+
+
+# -- the run --------------------------------------------------------------------------------------
+def make_workload(case: Case, provider: str, device: str, built: Optional[dict] = None,
+                  gen: Optional[torch.Generator] = None) -> Callable:
+    """A no-argument callable doing ``case``'s work with ``provider`` (layers cached in ``built``).
+
+    Every linear of the case gets its own random input of its K (the linears of a decoder layer
+    are timed in a row, not chained through attention and activations).
+    """
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    built = {} if built is None else built
+    gen = gen or torch.Generator().manual_seed(0)
+    for _, n, k in case.linears():
+        if (n, k) not in built:
+            built[(n, k)] = _Linear(n, k, device, dtype, gen)
+    return _workload(case, provider, built, device, dtype, gen)
+
+
+def _workload(case: Case, provider: str, built: dict, device: str, dtype, gen):
+    chain = [built[(n, k)] for _, n, k in case.linears()]
+    xs = {k: torch.randn(case.M, k, generator=gen).to(device, dtype) for _, _, k in
+          case.linears()}
+    if case.mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                for lin, (_, n, k) in zip(chain, case.linears()):
+                    lin.run(provider, xs[k])
+        return fwd
+    xs = {k: x.requires_grad_(True) for k, x in xs.items()}
+    params = [lin.gp.global_v for lin in chain]
+
+    def forward():
+        return sum(lin.run(provider, xs[k]).float().sum() for lin, (_, _, k) in
+                   zip(chain, case.linears()))
+
+    inputs = list(xs.values()) + ([p for p in params if p.requires_grad]
+                                  if provider != "bnb_base" else [])
+    if case.mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(), inputs, allow_unused=True)
+    out = forward()
+    return lambda: torch.autograd.grad(out, inputs, retain_graph=True, allow_unused=True)
+
+
+def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = None,
+              budget_s: float = 600.0, progress: bool = True) -> dict:
+    """Time every (case, provider); returns the JSON-ready result."""
+    from tqdm.auto import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.perf_counter()
+    ceilings = measure_ceilings(device)
+    gen = torch.Generator().manual_seed(0)
+    built: Dict[tuple, _Linear] = {}
+    rows = []
+    per_case = budget_s / max(1, len(cases) * len(providers)) / 4
+    for case in tqdm(cases, desc="tinylora bench", disable=not progress):
+        row = {**asdict(case), "floor_us": floor_us(case, ceilings), "providers": {}}
+        rows.append(row)
+        if time.perf_counter() - start > budget_s:
+            row["skipped"] = "time budget spent"
+            continue
+        for provider in providers:
+            why = provider_missing(provider, device)
+            if why is not None:
+                row["providers"][provider] = {"not_run": why}
+                continue
+            try:
+                fn = make_workload(case, provider, device, built, gen)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                stats = _time(fn, device, per_case)
+                if device == "cuda":
+                    stats["peak_MB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+                    if case.mode == "fwd" and case.M <= 16:
+                        stats["graph"] = _graph_time(fn)
+                stats["time_over_floor"] = stats["median_us"] / row["floor_us"]
+                row["providers"][provider] = stats
+            except Exception as exc:                     # say it, keep going
+                row["providers"][provider] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"env": _environment(device), "device": device, "dtype": str(dtype),
+            "ceilings": ceilings, "rows": rows,
+            "note": None if device == "cuda" else
+            "CPU run: reduced shapes and CPU timings; GPU figures need a GPU"}
+
+
+def _environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine()}
+    try:
+        import bitsandbytes
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        env["bitsandbytes"] = None
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["driver"] = torch.cuda.get_device_properties(0).name
+        env["bnb_dispatch"] = "gemm_4bit: fused kernel for small M, dequantize + cuBLAS above"
+    return env
+
+
+# -- reports ---------------------------------------------------------------------------------------
+def markdown(data: dict) -> str:
+    """The result table, generated from the JSON."""
+    provs = [p for p in PROVIDERS if any(p in r["providers"] for r in data["rows"])]
+    head = ("| model | layer | M | mode | floor µs | " + " | ".join(f"{p} µs" for p in provs)
+            + " | best/floor |")
+    lines = [f"Device: {data['device']} ({data['env'].get('gpu', data['env']['machine'])}), "
+             f"torch {data['env']['torch']}, triton {data['env']['triton']}, bitsandbytes "
+             f"{data['env']['bitsandbytes']}; copy {data['ceilings']['copy_GBps']:.0f} GB/s, "
+             f"matmul {data['ceilings']['matmul_TFLOPs']:.1f} TFLOP/s "
+             f"({data['ceilings']['matmul_dtype']}); medians.", ""]
+    if data.get("note"):
+        lines += [f"**{data['note']}.**", ""]
+    lines += [head, "|" + "---|" * (5 + len(provs) + 1)]
+    for r in data["rows"]:
+        cells, best = [], math.inf
+        for p in provs:
+            s = r["providers"].get(p, {})
+            if "median_us" in s:
+                cells.append(f"{s['median_us']:.1f}")
+                best = min(best, s["median_us"])
+            else:
+                cells.append("n/a")
+        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['mode']} | "
+                     f"{r['floor_us']:.1f} | " + " | ".join(cells)
+                     + f" | {best / r['floor_us']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> Optional[str]:
+    """time / floor by M, one line per provider, one panel per layer; None when drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "matplotlib is not installed: no plot"
+    layers = sorted({(r["model"], r["layer"], r["mode"]) for r in data["rows"]})
+    cols = min(4, len(layers))
+    fig, axes = plt.subplots(math.ceil(len(layers) / cols), cols, squeeze=False,
+                             figsize=(4 * cols, 3 * math.ceil(len(layers) / cols)))
+    for ax, key in zip(axes.flat, layers):
+        rows = sorted((r for r in data["rows"] if (r["model"], r["layer"], r["mode"]) == key),
+                      key=lambda r: r["M"])
+        for p in PROVIDERS:
+            pts = [(r["M"], r["providers"][p]["time_over_floor"]) for r in rows
+                   if "time_over_floor" in r["providers"].get(p, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{key[1]} ({key[2]})", fontsize=9)
+        ax.set_xlabel("M")
+        ax.set_ylabel("time / floor")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def write_report(data: dict, out_dir: Path, stem: str) -> List[Path]:
+    """JSON, Markdown and PNG under ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(data, indent=1))
+    paths[1].write_text(markdown(data))
+    why = plot(data, out_dir / f"{stem}.png")
+    if why is None:
+        paths.append(out_dir / f"{stem}.png")
+    else:
+        data["plot"] = why
+    return paths
+
+
+def compare(a: dict, b: dict) -> str:
+    """Rows of two runs side by side: B/A per provider, flagged beyond the noise.
+
+    A change counts when the two runs' 20–80 % ranges do not overlap; else it is noise.
+    """
+    index = {(r["model"], r["layer"], r["M"], r["mode"]): r for r in a["rows"]}
+    lines = ["| model | layer | M | mode | provider | A µs | B µs | B/A | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rb in b["rows"]:
+        ra = index.get((rb["model"], rb["layer"], rb["M"], rb["mode"]))
+        if ra is None:
+            continue
+        for p, sb in rb["providers"].items():
+            sa = ra["providers"].get(p, {})
+            if "median_us" not in sa or "median_us" not in sb:
+                continue
+            ratio = sb["median_us"] / sa["median_us"]
+            if sb["p80_us"] < sa["p20_us"]:
+                verdict = "faster"
+            elif sb["p20_us"] > sa["p80_us"]:
+                verdict = "slower"
+            else:
+                verdict = "noise"
+            lines.append(f"| {rb['model']} | {rb['layer']} | {rb['M']} | {rb['mode']} | {p} | "
+                         f"{sa['median_us']:.1f} | {sb['median_us']:.1f} | {ratio:.2f} | "
+                         f"{verdict} |")
+    return "\n".join(lines) + "\n"
