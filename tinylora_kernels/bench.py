@@ -329,8 +329,15 @@ def _environment(device: str) -> dict:
     except Exception:
         env["triton"] = None
     if device == "cuda":
+        import subprocess
+
         env["gpu"] = torch.cuda.get_device_name()
-        env["driver"] = torch.cuda.get_device_properties(0).name
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
         env["bnb_dispatch"] = "gemm_4bit: fused kernel for small M, dequantize + cuBLAS above"
     return env
 
@@ -339,8 +346,11 @@ def _environment(device: str) -> dict:
 def markdown(data: dict) -> str:
     """The result table, generated from the JSON."""
     provs = [p for p in PROVIDERS if any(p in r["providers"] for r in data["rows"])]
+    ours = "fused" if "fused" in provs and any(
+        "median_us" in r["providers"].get("fused", {}) for r in data["rows"]) else "reference"
+    peers = [p for p in ("materialized", "peft_style", "bnb_base", "dense_bf16") if p in provs]
     head = ("| model | layer | M | mode | floor µs | " + " | ".join(f"{p} µs" for p in provs)
-            + " | best/floor |")
+            + f" | {ours}/floor | " + " | ".join(f"{p}/{ours}" for p in peers) + " |")
     lines = [f"Device: {data['device']} ({data['env'].get('gpu', data['env']['machine'])}), "
              f"torch {data['env']['torch']}, triton {data['env']['triton']}, bitsandbytes "
              f"{data['env']['bitsandbytes']}; copy {data['ceilings']['copy_GBps']:.0f} GB/s, "
@@ -348,19 +358,17 @@ def markdown(data: dict) -> str:
              f"({data['ceilings']['matmul_dtype']}); medians.", ""]
     if data.get("note"):
         lines += [f"**{data['note']}.**", ""]
-    lines += [head, "|" + "---|" * (5 + len(provs) + 1)]
+    lines += [head, "|" + "---|" * (5 + len(provs) + 1 + len(peers))]
+
+    def med(r, p):
+        return r["providers"].get(p, {}).get("median_us", math.nan)
+
     for r in data["rows"]:
-        cells, best = [], math.inf
-        for p in provs:
-            s = r["providers"].get(p, {})
-            if "median_us" in s:
-                cells.append(f"{s['median_us']:.1f}")
-                best = min(best, s["median_us"])
-            else:
-                cells.append("n/a")
+        cells = [f"{med(r, p):.1f}" if not math.isnan(med(r, p)) else "n/a" for p in provs]
+        ratios = [f"{med(r, p) / med(r, ours):.2f}" for p in peers]
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['mode']} | "
                      f"{r['floor_us']:.1f} | " + " | ".join(cells)
-                     + f" | {best / r['floor_us']:.1f} |")
+                     + f" | {med(r, ours) / r['floor_us']:.1f} | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
