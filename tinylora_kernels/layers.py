@@ -176,6 +176,7 @@ class TinyLoRALinear(nn.Module):
         self.rng_scheme = "global" if generator is None else "per_layer"
         self.p_device_type = device.type
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
+        self.merged = False                 # ΔW folded into the base weight (interop.merge_...)
 
     # -- the factors -------------------------------------------------------------------------
     def adapter_factors(self) -> AdapterFactors:
@@ -189,8 +190,10 @@ class TinyLoRALinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
         compute_dtype, out_dtype = self._dtypes(x)
+        if self.merged:
+            return self._base_forward(x, compute_dtype).to(out_dtype)
+        weight = nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
         if backend.select(x, weight, compute_dtype) == "triton":
             from .ops.autograd import fused_tinylora_linear
 
