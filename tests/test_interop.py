@@ -91,3 +91,27 @@ def test_merge_refuses_4bit_and_export_merged_serves_it(tmp_path):
     torch.testing.assert_close(_logits(plain), _logits(model), rtol=5e-2, atol=5e-2)
     bf16 = export_merged(model, tmp_path / "bf16.safetensors")
     assert 0 < max(bf16.values()) < 2 ** -7
+
+
+@needs_bnb
+def test_generate_same_greedy_tokens_through_both_paths(monkeypatch):
+    from conftest import CUDA, HAS_TRITON
+    import os
+
+    if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("kernel path needs Triton and a GPU or TRITON_INTERPRET=1")
+    model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, dtype=torch.float32)
+    gp = TinyLoRAGlobalParams(u_dim=7, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(7, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    tokens = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("TINYLORA_BACKEND", backend)
+        with torch.no_grad():
+            tokens[backend] = model.generate(IDS, max_new_tokens=6, do_sample=False,
+                                             use_cache=True)
+    assert tokens["reference"].shape == (2, 14)
+    assert torch.equal(tokens["reference"], tokens["triton"])
