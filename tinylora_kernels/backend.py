@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -65,3 +66,19 @@ def select(x: torch.Tensor, weight, compute_dtype=None) -> str:
         raise RuntimeError(f"TINYLORA_BACKEND=triton, but the Triton kernel cannot compute this "
                            f"layer: {why}")
     return "reference"
+
+
+@contextmanager
+def forced(name: str):
+    """Within the block, ``TINYLORA_BACKEND`` is ``name`` (restored after)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old = os.environ.get("TINYLORA_BACKEND")
+    os.environ["TINYLORA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYLORA_BACKEND", None)
+        else:
+            os.environ["TINYLORA_BACKEND"] = old

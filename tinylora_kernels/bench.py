@@ -31,13 +31,14 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .backend import forced as _backend
 
 __all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload",
            "provider_missing", "run_suite", "markdown", "write_report", "compare"]
@@ -139,19 +140,6 @@ class _Linear:
             return self.base(x) + x @ delta.to(x.dtype).t()
         with _backend("triton" if provider == "fused" else "reference"):
             return self.layer(x)
-
-
-@contextmanager
-def _backend(name):
-    old = os.environ.get("TINYLORA_BACKEND")
-    os.environ["TINYLORA_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TINYLORA_BACKEND", None)
-        else:
-            os.environ["TINYLORA_BACKEND"] = old
 
 
 def provider_missing(provider: str, device: str) -> Optional[str]:

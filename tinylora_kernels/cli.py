@@ -13,10 +13,11 @@ import argparse
 import os
 import sys
 import time
-from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
+
+from .backend import forced as _backend
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,19 +31,6 @@ def _paths(device: str) -> List[tuple]:
         why_not = ("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter, slow); on a GPU "
                    "use --device cuda")
     return [("reference", None), ("triton", why_not)]
-
-
-@contextmanager
-def _backend(name: str):
-    old = os.environ.get("TINYLORA_BACKEND")
-    os.environ["TINYLORA_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TINYLORA_BACKEND", None)
-        else:
-            os.environ["TINYLORA_BACKEND"] = old
 
 
 def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),

@@ -101,6 +101,23 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels
 
 
 @triton.jit
+def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
+                 rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn, stride_wk,
+                 BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                 IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """W[rn, k0:k0+BK] as (even columns, odd columns), from NF4 storage or a dense tensor."""
+    if IS_NF4:
+        w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                  levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
+    else:
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        w_even = tl.load(w_rows + ke[None, :] * stride_wk, mask=mask_w, other=0.0)
+        w_odd = tl.load(w_rows + (ke + 1)[None, :] * stride_wk, mask=mask_w, other=0.0)
+    return w_even, w_odd
+
+
+@triton.jit
 def _linear_tile(
     pid_m, pid_n,
     x_ptr, out_ptr, bias_ptr, ax_ptr,
@@ -134,6 +151,8 @@ def _linear_tile(
     ax = tl.zeros((BM, R_PAD), dtype=tl.float32)
     if IS_NF4:
         levels = _nf4_levels(code_ptr)
+    else:
+        levels = 0                               # unused: the weight is dense
 
     # -- K loop: main product and A x from the same x tiles -------------------------------------
     for k0 in range(0, K, BK):
@@ -144,15 +163,9 @@ def _linear_tile(
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x_odd = tl.load(x_rows + (ke + 1)[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if IS_NF4:
-            w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2,
-                                      DOUBLE_QUANT)
-        else:
-            w_rows = w_ptr + rn64[:, None] * stride_wn
-            mask_w = mask_n[:, None] & mask_k[None, :]
-            w_even = tl.load(w_rows + ke[None, :] * stride_wk, mask=mask_w, other=0.0)
-            w_odd = tl.load(w_rows + (ke + 1)[None, :] * stride_wk, mask=mask_w, other=0.0)
+        w_even, w_odd = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                     levels, rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn,
+                                     stride_wk, BN, BK, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT)
         w_even = w_even.to(x_even.dtype)
         w_odd = w_odd.to(x_even.dtype)
         if FP32_DOT:
@@ -332,21 +345,17 @@ def _grad_x_kernel(
     gb = tl.zeros((BM, R_PAD), dtype=tl.float32)
     if IS_NF4:
         levels = _nf4_levels(code_ptr)
+    else:
+        levels = 0                               # unused: the weight is dense
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         mask_n = rn < N
         rn64 = rn.to(tl.int64)
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rn64[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if IS_NF4:
-            w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2,
-                                      DOUBLE_QUANT)
-        else:
-            w_rows = w_ptr + rn64[:, None] * stride_wn
-            mask_w = mask_n[:, None] & mask_k[None, :]
-            w_even = tl.load(w_rows + ke[None, :] * stride_wk, mask=mask_w, other=0.0)
-            w_odd = tl.load(w_rows + (ke + 1)[None, :] * stride_wk, mask=mask_w, other=0.0)
+        w_even, w_odd = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                     levels, rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn,
+                                     stride_wk, BN, BK, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT)
         w_even = w_even.to(g.dtype)
         w_odd = w_odd.to(g.dtype)
         if FP32_DOT:
