@@ -273,3 +273,25 @@ def test_deepcopy_shares_v_consistently(rng):
     clone = copy.deepcopy(model)
     assert clone.q_proj.global_params_ref is clone.tiny_lora_params
     assert clone.tiny_lora_params is not gp
+
+
+def test_inference_reuses_factors_but_never_stale_ones(rng):
+    layer, gp = _adapt(make_linear(20, 24))
+    x = torch.randn(3, 24, generator=rng)
+
+    def fresh():
+        with torch.enable_grad():          # the uncached path
+            return layer(x).detach()
+
+    with torch.no_grad():
+        y1 = layer(x)
+        assert torch.equal(layer(x), y1)
+        gp.global_v.mul_(2)                                  # in-place update (optimizer step)
+        y2 = layer(x)
+        assert not torch.equal(y1, y2) and torch.equal(y2, fresh())
+        gp.global_v.data = torch.randn(13, generator=rng)   # storage swapped
+        y3 = layer(x)
+        assert torch.equal(y3, fresh())
+        other, _ = _adapt(make_linear(20, 24, seed=5), seed=5)
+        layer.load_state_dict(other.state_dict())            # buffers replaced in place
+        assert torch.equal(layer(x), fresh())

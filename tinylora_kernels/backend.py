@@ -52,13 +52,16 @@ def kernel_refusal(x: torch.Tensor, weight, compute_dtype=None) -> "str | None":
 def select(x: torch.Tensor, weight, compute_dtype=None) -> str:
     """``"triton"`` or ``"reference"`` for input x and a layer's weight (NF4Weight or tensor).
 
-    ``compute_dtype`` is the dtype the layer computes the product in (default: x's).
+    ``weight`` may be a no-argument callable returning it (only called when the kernels are
+    considered). ``compute_dtype`` is the dtype the layer computes the product in (default: x's).
     """
     choice = requested()
     if choice == "reference":
         return "reference"
     if choice == "auto" and not (x.is_cuda and AUTO_USES_KERNELS):
         return "reference"
+    if callable(weight):
+        weight = weight()
     why = kernel_refusal(x, weight, compute_dtype)
     if why is None:
         return "triton"

@@ -58,7 +58,7 @@ class TinyLoRAGlobalParams(nn.Module):
         of v in fp32 and rounds once to v's dtype, instead of adding 252 bf16 gradients in bf16.
         """
         v = self.global_v
-        key = (v._version, torch.is_grad_enabled(), torch.device(device))
+        key = (v.data_ptr(), v._version, torch.is_grad_enabled(), torch.device(device))
         cached = self._view_cache.get(v, key)
         if cached is None:
             cached = v.to(device=device, dtype=torch.promote_types(v.dtype, torch.float32))
@@ -180,8 +180,24 @@ class TinyLoRALinear(nn.Module):
 
     # -- the factors -------------------------------------------------------------------------
     def adapter_factors(self) -> AdapterFactors:
-        """A = Vh, B = U diag(S), R from v and P (computed in fp32, or float64 for float64 v)."""
+        """A = Vh, B = U diag(S), R from v and P (computed in fp32, or float64 for float64 v).
+
+        Without autograd (inference, generation) the result is reused until v or a buffer
+        changes: a decode step then costs no extra launches to rebuild B and R.
+        """
         v = self.global_params_ref.compute_view(self.P.device)
+        if torch.is_grad_enabled():
+            return self._factors_from(v)
+        # v itself when it is already fp32 on this device: its version must be in the key too
+        key = tuple((t.data_ptr(), t._version) for t in (v, self.U, self.S, self.Vh, self.P))
+        cache = self.__dict__.setdefault("_factor_cache_", _ViewCache())
+        factors = cache.get(v, key)
+        if factors is None:
+            factors = self._factors_from(v)
+            cache.put(v, key, factors)
+        return factors
+
+    def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
         acc = v.dtype
         s = self.S.to(acc)
         B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
@@ -193,14 +209,17 @@ class TinyLoRALinear(nn.Module):
         compute_dtype, out_dtype = self._dtypes(x)
         if self.merged:
             return self._base_forward(x, compute_dtype).to(out_dtype)
-        weight = nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
-        if backend.select(x, weight, compute_dtype) == "triton":
+        if backend.select(x, self._kernel_weight, compute_dtype) == "triton":
             from .ops.autograd import fused_tinylora_linear
 
-            return fused_tinylora_linear(x.to(compute_dtype), weight, self.base_layer.bias,
-                                         self.adapter_factors(), out_dtype)
+            return fused_tinylora_linear(x.to(compute_dtype), self._kernel_weight(),
+                                         self.base_layer.bias, self.adapter_factors(), out_dtype)
         return add_adapter(self._base_forward(x, compute_dtype), x, self.adapter_factors(),
                            out_dtype)
+
+    def _kernel_weight(self):
+        """The base weight as the kernels read it: an NF4Weight view, or the dense tensor."""
+        return nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
 
     def _dtypes(self, x: torch.Tensor):
         """(dtype the base product is computed in, dtype of the output) for input x."""
@@ -266,7 +285,9 @@ def _linear4bit_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if xc.shape[:-1].numel() == 0:
         out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
         return out if bias is None else out + bias
-    nf4_of(layer)  # checks the storage is NF4 in the canonical layout, with a clear error if not
+    qs = layer.weight.quant_state
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or qs.quant_type != "nf4":
+        nf4_of(layer)  # raises, naming what is wrong with the storage
     return bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
 
 

@@ -93,6 +93,28 @@ def adapter_delta(x: torch.Tensor, f: AdapterFactors) -> torch.Tensor:
 _CPU_CHUNK_ELEMENTS = 1 << 18
 
 
+def _add_adapter_values(base, x, A, B, R, out_dtype):
+    """(out, x in acc dtype, A x, z = (A x) Rᵀ): the forward of :class:`_AddAdapter`."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    n, k = base.shape[-1], x.shape[-1]
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, k).to(acc)
+        ax = x2 @ A.to(acc).t()
+        z = ax @ R.to(acc).t()
+        base2, bt = base.reshape(-1, n), B.to(acc).t()
+        rows = base2.shape[0]
+        step = max(1, _CPU_CHUNK_ELEMENTS // max(n, 1))
+        if base2.device.type != "cpu" or rows <= step or base2.dtype == acc == out_dtype:
+            out = torch.addmm(base2.to(acc), z, bt).to(out_dtype)
+        else:
+            # the fp32 temporary of a whole (M, N) output does not fit in cache on a CPU;
+            # row blocks of ~1 MB do (2x faster at 512 x 11008, same bits)
+            out = torch.empty(rows, n, dtype=out_dtype, device=base2.device)
+            for i in range(0, rows, step):
+                out[i:i + step] = torch.addmm(base2[i:i + step].to(acc), z[i:i + step], bt)
+    return out.view(base.shape), x2, ax, z
+
+
 class _AddAdapter(torch.autograd.Function):
     """``out = round(base + B (R (A x)))``: the rank-r term added to a base output, one rounding.
 
@@ -110,27 +132,11 @@ class _AddAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, x, A, B, R, out_dtype):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        n, k = base.shape[-1], x.shape[-1]
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, k).to(acc)
-            ax = x2 @ A.to(acc).t()
-            z = ax @ R.to(acc).t()
-            base2, bt = base.reshape(-1, n), B.to(acc).t()
-            rows = base2.shape[0]
-            step = max(1, _CPU_CHUNK_ELEMENTS // max(n, 1))
-            if base2.device.type != "cpu" or rows <= step or base2.dtype == acc == out_dtype:
-                out = torch.addmm(base2.to(acc), z, bt).to(out_dtype)
-            else:
-                # the fp32 temporary of a whole (M, N) output does not fit in cache on a CPU;
-                # row blocks of ~1 MB do (2x faster at 512 x 11008, same bits)
-                out = torch.empty(rows, n, dtype=out_dtype, device=base2.device)
-                for i in range(0, rows, step):
-                    out[i:i + step] = torch.addmm(base2[i:i + step].to(acc), z[i:i + step], bt)
+        out, x2, ax, z = _add_adapter_values(base, x, A, B, R, out_dtype)
         need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         ctx.save_for_backward(ax, A, B, R, x2 if need_a else None, z if need_b else None)
         ctx.meta = (base.dtype, x.dtype, x.shape)
-        return out.view(base.shape)
+        return out
 
     @staticmethod
     def backward(ctx, g):
@@ -160,7 +166,9 @@ def add_adapter(base: torch.Tensor, x: torch.Tensor, f: AdapterFactors,
     (default: base's). One pass over the output (``addmm``), forward and backward.
     """
     out_dtype = base.dtype if out_dtype is None else out_dtype
-    return _AddAdapter.apply(base, x, f.A, f.B, f.R, out_dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, f.A, f.B, f.R)):
+        return _AddAdapter.apply(base, x, f.A, f.B, f.R, out_dtype)
+    return _add_adapter_values(base, x, f.A, f.B, f.R, out_dtype)[0]   # inference: no graph
 
 
 class _NF4Linear(torch.autograd.Function):
