@@ -115,3 +115,21 @@ def test_generate_same_greedy_tokens_through_both_paths(monkeypatch):
                                              use_cache=True)
     assert tokens["reference"].shape == (2, 14)
     assert torch.equal(tokens["reference"], tokens["triton"])
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "4bit"])
+def test_torch_compile_fullgraph_matches_eager(quantized):
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    model, gp = _adapted(quantized=quantized)
+    eager = model(IDS).logits
+    eager.float().sum().backward()
+    grad = gp.global_v.grad.clone()
+    gp.global_v.grad = None
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(IDS).logits
+    got.float().sum().backward()
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gp.global_v.grad, grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, eager.detach(), rtol=1e-6, atol=1e-6)

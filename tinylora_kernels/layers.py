@@ -58,10 +58,13 @@ class TinyLoRAGlobalParams(nn.Module):
         of v in fp32 and rounds once to v's dtype, instead of adding 252 bf16 gradients in bf16.
         """
         v = self.global_v
+        acc = torch.promote_types(v.dtype, torch.float32)
+        if torch.compiler.is_compiling():
+            return v.to(device=device, dtype=acc)    # traced once per graph: no cache needed
         key = (v.data_ptr(), v._version, torch.is_grad_enabled(), torch.device(device))
         cached = self._view_cache.get(v, key)
         if cached is None:
-            cached = v.to(device=device, dtype=torch.promote_types(v.dtype, torch.float32))
+            cached = v.to(device=device, dtype=acc)
             self._view_cache.put(v, key, cached)
         return cached
 
@@ -186,7 +189,7 @@ class TinyLoRALinear(nn.Module):
         changes: a decode step then costs no extra launches to rebuild B and R.
         """
         v = self.global_params_ref.compute_view(self.P.device)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._factors_from(v)
         # v itself when it is already fp32 on this device: its version must be in the key too
         key = tuple((t.data_ptr(), t._version) for t in (v, self.U, self.S, self.Vh, self.P))
