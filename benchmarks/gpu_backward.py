@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -76,13 +75,13 @@ def layer_cases(m: int):
 
 def train_step_cases(tokens: int):
     from tinylora_kernels import TinyLoRAGlobalParams, apply_tiny_lora
+    from tinylora_kernels.backend import forced
     from tinylora_kernels.testing import tiny_qwen2
 
     ids = torch.randint(0, 1024, (2, tokens // 2), generator=torch.Generator().manual_seed(1))
     ids = ids.cuda()
     out = {}
     for backend in ("reference", "triton"):
-        os.environ["TINYLORA_BACKEND"] = backend
         model = tiny_qwen2(quantized=True, compute_dtype=torch.bfloat16, device="cuda",
                            num_hidden_layers=4, hidden_size=2048, intermediate_size=11008,
                            num_attention_heads=16, num_key_value_heads=2, vocab_size=1024)
@@ -98,11 +97,11 @@ def train_step_cases(tokens: int):
             gp.global_v.grad = None
             model(ids, labels=ids).loss.backward()
 
-        out[backend] = timed(step)
+        with forced(backend):
+            out[backend] = timed(step)
         print("train step", backend, out[backend], flush=True)
-        del model
+        model = gp = None                   # free this backend's model before the next one
         torch.cuda.empty_cache()
-    os.environ.pop("TINYLORA_BACKEND", None)
     return out
 
 

@@ -15,7 +15,6 @@ import torch
 
 try:
     import bitsandbytes as bnb  # noqa: F401
-    import bitsandbytes.functional as bnbF
     HAS_BNB = True
 except Exception:  # pragma: no cover - bitsandbytes is a dependency, but keep the CPU tier alive
     HAS_BNB = False

@@ -3,7 +3,6 @@
 import glob
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import needs_bnb
 from tinylora_kernels import FactorCache, TinyLoRAGlobalParams, apply_tiny_lora, tiny_lora_layers
 from tinylora_kernels.testing import tiny_qwen2
 

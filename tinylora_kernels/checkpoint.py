@@ -18,7 +18,6 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Union
 
 import torch

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import backend
-from .factors import (RNG_SCHEMES, SVD_METHODS, FactorCache, base_weight_fp32, draw_projections,
+from .factors import (SVD_METHODS, FactorCache, base_weight_fp32, draw_projections,
                       is_linear4bit, nf4_of, top_r_svd)
 from .nf4 import restore_canonical_layout
 from .reference import PROJECTIONS, AdapterFactors, add_adapter, projection_matrix

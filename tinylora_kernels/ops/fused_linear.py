@@ -18,7 +18,6 @@ synchronizes with the device.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
