@@ -30,8 +30,10 @@ except Exception:
 CUDA = torch.cuda.is_available()
 #: the device kernel tests run on: CUDA when there is one, else the CPU through the interpreter
 KERNEL_DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not HAS_TRITON or not (CUDA or os.environ.get(
-    "TRITON_INTERPRET") == "1"), reason="needs Triton and a GPU, or TRITON_INTERPRET=1")
+#: whether the Triton kernels can run in this session (a GPU, or the interpreter)
+KERNELS_RUN = HAS_TRITON and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+KERNELS_MISSING = "needs Triton and a GPU, or TRITON_INTERPRET=1"
+needs_triton = pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_MISSING)
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 warnings.filterwarnings("ignore", message=".*kernels-community.*")

@@ -1,12 +1,14 @@
 """Training: the fused backward (grad x, grad v) vs float64, fp32 sums of v's gradient, and a
 few real optimizer steps on a tiny 4-bit Qwen2 through both paths."""
 
-import os
+import datetime
+import time
 
 import pytest
 import torch
 
-from conftest import CUDA, HAS_BNB, KERNEL_DEVICE, make_linear, needs_bnb, needs_triton
+from conftest import (CUDA, HAS_BNB, KERNEL_DEVICE, KERNELS_MISSING, KERNELS_RUN, make_linear,
+                      needs_bnb, needs_triton)
 from tinylora_kernels import TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora
 from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
 from tinylora_kernels.reference import AdapterFactors
@@ -108,9 +110,8 @@ def test_training_steps_lower_the_loss_and_change_only_v(monkeypatch):
     losses, changed, v_ref = run("reference")
     assert losses[-1] < losses[0]
     assert changed == ["tiny_lora_params.global_v"]
-    from conftest import HAS_TRITON
-    if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("kernel path needs Triton and a GPU or TRITON_INTERPRET=1")
+    if not KERNELS_RUN:
+        pytest.skip(KERNELS_MISSING)
     losses_k, changed_k, v_k = run("triton")
     assert changed_k == ["tiny_lora_params.global_v"]
     torch.testing.assert_close(torch.tensor(losses_k), torch.tensor(losses), rtol=1e-3,
@@ -135,8 +136,9 @@ def _ddp_worker(rank, world, init_file, ids, result_file):
 
     # built before the process group exists: transformers saves only on the main rank once it does
     model = tiny_qwen2(quantized=False, dtype=torch.float32)
+    # a stuck peer raises after a minute instead of hanging the run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     model.requires_grad_(False)
     gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
     torch.manual_seed(0)
@@ -157,8 +159,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
     ids = torch.randint(0, 128, (4, 10), generator=torch.Generator().manual_seed(9))
     result = tmp_path / "grad.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), ids, str(result)), nprocs=2,
-             join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), ids, str(result)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not workers.join(timeout=5):          # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in workers.processes:
+                proc.kill()
+            pytest.fail("the 2-process DDP run did not finish within 240 s")
     ddp_grad = torch.load(result)
     # one process, the whole batch: the mean of the two halves' losses (DDP averages gradients)
     model = tiny_qwen2(quantized=False, dtype=torch.float32)
@@ -178,9 +186,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_activation_memory_is_x_plus_m_by_r(backend, monkeypatch):
     # what autograd keeps for backward, beyond x itself and the frozen weights/factors: A x only
     if backend == "triton":
-        from conftest import HAS_TRITON
-        if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-            pytest.skip("needs Triton and a GPU or TRITON_INTERPRET=1")
+        if not KERNELS_RUN:
+            pytest.skip(KERNELS_MISSING)
     monkeypatch.setenv("TINYLORA_BACKEND", backend)
     m, n, k = 33, 96, 128
     base = make_linear(n, k).to(KERNEL_DEVICE)
@@ -240,10 +247,8 @@ def test_kernel_grad_v_vs_float64(projection, rng, monkeypatch):
 @needs_bnb
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gradient_checkpointing_gives_the_same_gradients(backend, monkeypatch):
-    from conftest import HAS_TRITON
-    if backend == "triton" and (not HAS_TRITON or not (CUDA or os.environ.get(
-            "TRITON_INTERPRET") == "1")):
-        pytest.skip("needs Triton and a GPU or TRITON_INTERPRET=1")
+    if backend == "triton" and not KERNELS_RUN:
+        pytest.skip(KERNELS_MISSING)
     monkeypatch.setenv("TINYLORA_BACKEND", backend)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
 

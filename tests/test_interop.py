@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import needs_bnb
+from conftest import KERNELS_MISSING, KERNELS_RUN, needs_bnb
 from tinylora_kernels import (TinyLoRAGlobalParams, apply_tiny_lora, export_lora, export_merged,
                               merge_tiny_lora, tiny_lora_layers, unmerge_tiny_lora)
 from tinylora_kernels.testing import tiny_qwen2
@@ -95,11 +95,8 @@ def test_merge_refuses_4bit_and_export_merged_serves_it(tmp_path):
 
 @needs_bnb
 def test_generate_same_greedy_tokens_through_both_paths(monkeypatch):
-    from conftest import CUDA, HAS_TRITON
-    import os
-
-    if not HAS_TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("kernel path needs Triton and a GPU or TRITON_INTERPRET=1")
+    if not KERNELS_RUN:
+        pytest.skip(KERNELS_MISSING)
     model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, dtype=torch.float32)
     gp = TinyLoRAGlobalParams(u_dim=7, dtype=torch.float32)
     torch.manual_seed(0)

@@ -506,23 +506,28 @@ def _check_projection(x: torch.Tensor, weight, bias, factors, who: str):
     return n, k
 
 
+def _weight_args(weight, dummy):
+    """(6 weight pointers, (stride_wn, stride_wk)) for NF4 storage or a dense tensor."""
+    if isinstance(weight, NF4Weight):
+        return _nf4_pointer_args(weight, dummy), (0, 0)
+    return (weight,) + (dummy,) * 5, weight.stride()
+
+
+def _adapter_args(factors, dummy):
+    """(A, B fp32, R fp32, (stride_an, stride_ak)); placeholders without an adapter."""
+    if factors is None:
+        return dummy, dummy, dummy, (0, 0)
+    return (factors.A, factors.B.to(torch.float32).contiguous(),
+            factors.R.to(torch.float32).contiguous(), factors.A.stride())
+
+
 def _projection_args(weight, bias, factors, out, ax):
     """The 19 kernel arguments of one projection, in ``_linear_tile``'s order."""
     dummy = out                                           # placeholder, never read
-    if factors is not None:
-        A = factors.A
-        B = factors.B.to(torch.float32).contiguous()
-        R = factors.R.to(torch.float32).contiguous()
-        stride_a = A.stride()
-    else:
-        A = B = R = dummy
-        stride_a = (0, 0)
-    if isinstance(weight, NF4Weight):
-        w_args, stride_w, n = _nf4_pointer_args(weight, dummy), (0, 0), weight.shape[0]
-    else:
-        w_args, stride_w, n = (weight,) + (dummy,) * 5, weight.stride(), weight.shape[0]
+    A, B, R, stride_a = _adapter_args(factors, dummy)
+    w_args, stride_w = _weight_args(weight, dummy)
     return (out, dummy if bias is None else bias, dummy if ax is None else ax, *w_args, A, B, R,
-            n, out.stride(0), out.stride(1), *stride_w, *stride_a)
+            weight.shape[0], out.stride(0), out.stride(1), *stride_w, *stride_a)
 
 
 def _meta(weight, factors, bias, ax, x, cfg: KernelConfig):
@@ -771,20 +776,14 @@ def fused_grad_x(g: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
     if m > 0:
         cfg = config or pick_config(m, k, n)
         dummy = gx
-        if factors is not None:
-            A = factors.A
-            B = factors.B.to(torch.float32).contiguous()
-            R = factors.R.to(torch.float32).contiguous()
-        else:
-            A = B = R = dummy
+        A, B, R, stride_a = _adapter_args(factors, dummy)
+        w_args, stride_w = _weight_args(weight, dummy)
         is_nf4 = isinstance(weight, NF4Weight)
-        w_args = _nf4_pointer_args(weight, dummy) if is_nf4 else (weight,) + (dummy,) * 5
-        stride_w = (0, 0) if is_nf4 else weight.stride()
         bk = 64
         _grad_x_kernel[(triton.cdiv(m, cfg.BM) * triton.cdiv(k, bk),)](
             g2, gx, dummy if gb is None else gb, *w_args, A, B, R,
             m, n, k, k // 2, rank, g2.stride(0), g2.stride(1), gx.stride(0), gx.stride(1),
-            *stride_w, *(A.stride() if factors is not None else (0, 0)),
+            *stride_w, *stride_a,
             BM=cfg.BM, BN=cfg.BN, BK=bk, R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
             BLOCKSIZE2=weight.blocksize2 if is_nf4 else 256, IS_NF4=is_nf4,
             DOUBLE_QUANT=is_nf4 and weight.double_quant, HAS_ADAPTER=factors is not None,
