@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "bench": ["pytest-benchmark", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.13", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.19", "accelerate", "matplotlib"],
     },
     entry_points={"console_scripts": ["tinylora-kernels=tinylora_kernels.cli:main"]},
 )

@@ -10,7 +10,8 @@ Importing this package needs neither a GPU nor Triton nor bitsandbytes.
 from .checkpoint import (CheckpointError, TinyLoRACheckpoint, load_tiny_lora, read_checkpoint,
                          save_tiny_lora)
 from .factors import FactorCache
-from .interop import export_lora, export_merged, merge_tiny_lora, unmerge_tiny_lora
+from .interop import (export_lora, export_merged, import_peft_tinylora, merge_tiny_lora,
+                      unmerge_tiny_lora)
 from .layers import TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora, tiny_lora_layers
 from .nf4 import NF4Weight, dequantize_nf4
 from .reference import AdapterFactors, adapter_delta, projection_matrix
@@ -29,6 +30,7 @@ __all__ = [
     "apply_tiny_lora",
     "dequantize_nf4",
     "export_lora",
+    "import_peft_tinylora",
     "export_merged",
     "load_tiny_lora",
     "merge_tiny_lora",

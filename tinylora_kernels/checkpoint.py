@@ -197,6 +197,11 @@ def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int
     layers = _model_layers(model)
     params = layers[0].global_params_ref
     first = layers[0]
+    foreign = [m for m in layers if m.rng_scheme not in RNG_SCHEMES]
+    if foreign:
+        raise ValueError(f"these TinyLoRA layers came from elsewhere (origin "
+                         f"{foreign[0].rng_scheme!r}): no seed reproduces their factors, so this "
+                         "format cannot hold them; keep the source adapter, or export_lora()")
     for attr in ("rank", "projection", "rng_scheme", "svd", "u"):
         values = {getattr(m, attr) for m in layers}
         if len(values) > 1:

@@ -3,7 +3,8 @@
 A rank-r TinyLoRA layer is exactly a LoRA layer with ``B = U diag(S) R`` (out x r) and
 ``A = Vh`` (r x in), scaling 1. :func:`export_lora` writes that as a PEFT LoRA adapter directory
 (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
-and LoRA-serving engines load. :func:`merge_tiny_lora` / :func:`unmerge_tiny_lora` fold ΔW into a
+and LoRA-serving engines load. :func:`import_peft_tinylora` reads PEFT's own TinyLoRA adapters
+(their convention, P and ``weight_tying`` groups) onto our layers, 4-bit bases included. :func:`merge_tiny_lora` / :func:`unmerge_tiny_lora` fold ΔW into a
 float base weight and back; :func:`export_merged` writes merged weights of a 4-bit model (which
 cannot be merged in place) as a safetensors state dict, and reports the rounding it introduces.
 """
@@ -18,13 +19,17 @@ from typing import Dict, Optional, Union
 
 import torch
 
+import torch.nn as nn
+
+from .checkpoint import CheckpointError
 from .factors import nf4_of
-from .layers import TARGET_SUFFIXES, TinyLoRALinear, tiny_lora_layers
+from .layers import TARGET_SUFFIXES, TinyLoRAGlobalParams, TinyLoRALinear, tiny_lora_layers
 from .nf4 import dequantize_nf4
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_lora", "merge_tiny_lora", "unmerge_tiny_lora", "export_merged", "delta_weight"]
+__all__ = ["export_lora", "import_peft_tinylora", "merge_tiny_lora", "unmerge_tiny_lora",
+           "export_merged", "delta_weight"]
 
 
 def _layers(model):
@@ -143,7 +148,7 @@ def export_merged(model, path: Union[str, os.PathLike], *,
     mismatch = {}
     with torch.no_grad():
         for key, value in model.state_dict().items():
-            if key.startswith("tiny_lora_params."):
+            if key.startswith(("tiny_lora_params.", "tiny_lora_groups.")):
                 continue
             owner = next((n for n in layers if key.startswith(n + ".")), None)
             if owner is None:
@@ -170,3 +175,203 @@ def export_merged(model, path: Union[str, os.PathLike], *,
                 "by at most %.2e (relative, %s)", len(mismatch), os.fspath(path), dtype,
                 worst[1], worst[0])
     return mismatch
+
+
+# -- PEFT's TinyLoRA adapters ----------------------------------------------------------------------
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PARTS = ("tinylora_A", "tinylora_B", "tinylora_P")
+_PEFT_MODULE_PREFIX = "base_model.model."
+_PEFT_V_PREFIX = "base_model.tinylora_v."
+
+
+def peft_tinylora_groups(n_layers: int, weight_tying: float) -> list:
+    """The v group of each of ``n_layers`` adapted modules (in module order), as PEFT assigns it.
+
+    ``weight_tying`` 0 gives every module its own v, 1 one v for all; in between, contiguous
+    groups of ``n_layers // groups`` modules, the last group taking the remainder.
+    """
+    num_groups = max(1, round(n_layers * (1.0 - weight_tying)))
+    size = max(1, n_layers // num_groups)
+    return [min(i // size, num_groups - 1) for i in range(n_layers)]
+
+
+def _peft_projection(seed: int, u: int, r: int) -> torch.Tensor:
+    """PEFT's P for one module when the adapter was saved without it: N(0, 1/r), (u, r, r),
+    from a private CPU generator seeded with ``projection_seed + module index``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.normal(mean=0.0, std=1.0 / (r ** 0.5), size=(u, r, r), generator=gen)
+
+
+def _read_peft_tinylora(adapter_dir: Path):
+    """(config dict, state dict) of a PEFT TinyLoRA adapter directory; CheckpointError if not."""
+    def fail(msg):
+        return CheckpointError(f"{adapter_dir}: {msg}")
+
+    if not adapter_dir.is_dir():
+        raise fail("not a directory (expected a PEFT adapter directory with adapter_config.json)")
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise fail("no adapter_config.json") from None
+    except (OSError, ValueError) as e:
+        raise fail(f"adapter_config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "TINYLORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise fail(f"not a PEFT TinyLoRA adapter (peft_type={kind!r}, expected 'TINYLORA')")
+    for key, ok in (("r", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0),
+                    ("u", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0),
+                    ("weight_tying", lambda x: isinstance(x, (int, float))
+                     and not isinstance(x, bool) and 0.0 <= x <= 1.0),
+                    ("projection_seed", lambda x: isinstance(x, int) and not isinstance(x, bool))):
+        if key not in config or not ok(config[key]):
+            raise fail(f"adapter_config.json has an invalid {key!r}: {config.get(key)!r}")
+    if config.get("fan_in_fan_out"):
+        raise fail("fan_in_fan_out adapters (Conv1D bases) are not supported")
+    if config.get("bias", "none") != "none":
+        raise fail(f"bias={config['bias']!r}: adapters that train biases are not supported")
+    if config.get("modules_to_save"):
+        raise fail(f"modules_to_save={config['modules_to_save']!r} is not supported")
+
+    weights = next((adapter_dir / f for f in _PEFT_WEIGHTS if (adapter_dir / f).is_file()), None)
+    if weights is None:
+        raise fail(f"no adapter weights ({' or '.join(_PEFT_WEIGHTS)})")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or truncated file: say which
+        raise fail(f"{weights.name} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(t) for t in state.values()):
+        raise fail(f"{weights.name} does not hold a dict of tensors")
+    return config, state
+
+
+def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike]) -> nn.ModuleList:
+    """Put a PEFT TinyLoRA adapter (``peft.TinyLoraConfig``, saved by ``save_pretrained``) on
+    ``model`` as :class:`TinyLoRALinear` layers; returns the trainable v of each tying group.
+
+    PEFT's convention is kept exactly: each layer holds PEFT's ``A = sqrt(S) Vh`` and
+    ``B = U sqrt(S)`` as its ``Vh`` and ``U`` buffers with ``S = I``, PEFT's P (read from the file,
+    or regenerated from ``projection_seed`` as PEFT does when it was saved without them), and
+    computes ``B (Σ v_i P_i) A x`` in fp32, in the dtypes the file stores. Layers are matched by
+    name (``base_model.model.<name>``): ``model`` must be the architecture the adapter was
+    trained on, loaded plainly or in 4-bit NF4 (which PEFT itself cannot adapt).
+
+    The v vectors (one per ``weight_tying`` group, in PEFT's group order and dtype) are attached
+    as ``model.tiny_lora_groups`` (an ``nn.ModuleList`` of :class:`TinyLoRAGlobalParams`) and
+    returned; they train like ``global_v``. Dropout (training only) is not applied. Any problem
+    with the directory or a mismatch with the model raises :class:`CheckpointError` naming it,
+    before the model is changed.
+    """
+    adapter_dir = Path(adapter_dir)
+    config, state = _read_peft_tinylora(adapter_dir)
+
+    def fail(msg):
+        return CheckpointError(f"{adapter_dir}: {msg}")
+
+    parts: Dict[str, Dict[str, torch.Tensor]] = {}
+    v_by_group: Dict[int, torch.Tensor] = {}
+    for key, t in state.items():
+        if key.startswith(_PEFT_V_PREFIX):
+            group = key[len(_PEFT_V_PREFIX):]
+            if not group.isdigit():
+                raise fail(f"unexpected v key {key!r}")
+            v_by_group[int(group)] = t
+            continue
+        name, _, part = key.rpartition(".")
+        if not key.startswith(_PEFT_MODULE_PREFIX) or part not in _PEFT_PARTS:
+            raise fail(f"unexpected tensor {key!r} (only tinylora_A/B/P and tinylora_v are "
+                       "supported)")
+        parts.setdefault(name[len(_PEFT_MODULE_PREFIX):], {})[part[len("tinylora_"):]] = t
+    if not parts:
+        raise fail("the adapter holds no TinyLoRA layers")
+
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    for name, p in parts.items():
+        module = modules.get(name)
+        if module is None:
+            raise fail(f"layer {name!r} is not in this model (is it the architecture the "
+                       "adapter was trained on?)")
+        if isinstance(module, TinyLoRALinear) or any(
+                isinstance(m, TinyLoRALinear) for m in module.modules()):
+            raise fail(f"{name!r} already carries a TinyLoRA adapter; import onto a model "
+                       "without one")
+        if not isinstance(module, nn.Linear):
+            raise fail(f"{name!r} is a {type(module).__name__}; only linear layers (nn.Linear, "
+                       "bitsandbytes Linear4bit) are supported")
+        missing = [k for k in ("A", "B") if k not in p]
+        if missing:
+            raise fail(f"{name!r} lacks tinylora_{missing[0]}")
+    if hasattr(model, "tiny_lora_groups"):
+        raise fail("model.tiny_lora_groups exists already; import onto a model without an "
+                   "imported adapter")
+
+    names = sorted(parts, key=order.__getitem__)           # PEFT's module index order
+    have_p = [n for n in names if "P" in parts[n]]
+    if have_p and len(have_p) != len(names):
+        raise fail(f"tinylora_P is saved for some layers but not for {names[len(have_p)]!r}")
+    u, seed = config["u"], config["projection_seed"]
+    groups = peft_tinylora_groups(len(names), float(config["weight_tying"]))
+    if sorted(v_by_group) != list(range(max(groups) + 1)):
+        raise fail(f"weight_tying={config['weight_tying']} over {len(names)} layers gives "
+                   f"{max(groups) + 1} v groups, the file holds {len(v_by_group)}")
+    for g, v in v_by_group.items():
+        if v.shape != (u,) or not v.is_floating_point() or not torch.isfinite(v).all():
+            raise fail(f"tinylora_v.{g} must be {u} finite floats, got shape {tuple(v.shape)}")
+    if not have_p:
+        import warnings
+
+        warnings.warn(f"{adapter_dir}: saved without tinylora_P (save_projection=False); "
+                      f"regenerating P from projection_seed={seed} as PEFT does, which relies on "
+                      "torch's CPU generator reproducing the same draws", stacklevel=2)
+    if config.get("tinylora_dropout"):
+        log.info("import_peft_tinylora: tinylora_dropout=%s is a training-time option and is "
+                 "not applied", config["tinylora_dropout"])
+
+    devices: Dict[int, torch.device] = {}
+    for name, g in zip(names, groups):
+        devices.setdefault(g, modules[name].weight.device)
+    group_params = nn.ModuleList()
+    for g in range(len(v_by_group)):
+        v = v_by_group[g]
+        gp = TinyLoRAGlobalParams(u_dim=u, device=devices[g], dtype=v.dtype)
+        with torch.no_grad():
+            gp.global_v.copy_(v)
+        group_params.append(gp)
+
+    factors = []
+    for index, name in enumerate(names):
+        p, base = parts[name], modules[name]
+        A, B = p["A"], p["B"]
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.dim() != 2 or B.dim() != 2 or not 1 <= r <= config["r"] or B.shape[1] != r \
+                or A.shape[1] != base.in_features or B.shape[0] != base.out_features:
+            raise fail(f"{name!r}: tinylora_A {tuple(A.shape)} / tinylora_B {tuple(B.shape)} do "
+                       f"not fit a {base.out_features} x {base.in_features} layer at rank "
+                       f"<= {config['r']}")
+        P = p["P"] if "P" in p else _peft_projection(seed + index, u, r)
+        if P.shape != (u, r, r):
+            raise fail(f"{name!r}: tinylora_P has shape {tuple(P.shape)}, expected {(u, r, r)}")
+        for part, t in (("A", A), ("B", B), ("P", P)):
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise fail(f"{name!r}: tinylora_{part} must hold finite floats")
+        factors.append((A, B, P))
+
+    # everything is checked: only now are layers built (which freezes their bases) and swapped in
+    built = []
+    for name, g, (A, B, P) in zip(names, groups, factors):
+        layer = TinyLoRALinear.from_factors(
+            modules[name], U=B, S=torch.eye(B.shape[1], dtype=B.dtype), Vh=A, P=P,
+            global_params_ref=group_params[g], projection="full", origin="peft")
+        built.append((name, layer))
+
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    model.tiny_lora_groups = group_params
+    return group_params

@@ -132,6 +132,70 @@ class TinyLoRALinear(nn.Module):
                  projection: str = "full", svd: str = "cpu", factor_cache=None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
+        self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
+        device = original_layer.weight.device
+        if factor_cache is not None and not isinstance(factor_cache, FactorCache):
+            factor_cache = FactorCache(factor_cache)
+        if factor_cache is not None:
+            U, S, Vh = factor_cache.factors(original_layer, rank, svd)
+        else:
+            U, S, Vh = top_r_svd(base_weight_fp32(original_layer), rank, svd)
+        self.register_buffer("U", U.to(device=device, dtype=BUFFER_DTYPE))
+        S = torch.diag(S) if projection == "full" else S
+        self.register_buffer("S", S.to(device=device, dtype=BUFFER_DTYPE))
+        self.register_buffer("Vh", Vh.to(device=device, dtype=BUFFER_DTYPE))
+        self.register_buffer("P", draw_projections(self.u, rank, projection, device, generator))
+        # How P was drawn; checkpoints record it (see layers' use in checkpoint.py).
+        self.rng_scheme = "global" if generator is None else "per_layer"
+        self.p_device_type = device.type
+
+    @classmethod
+    def from_factors(cls, original_layer: nn.Module, *, U: torch.Tensor, S: torch.Tensor,
+                     Vh: torch.Tensor, P: torch.Tensor,
+                     global_params_ref: TinyLoRAGlobalParams, projection: str = "full",
+                     origin: str = "given") -> "TinyLoRALinear":
+        """A layer with the given factors instead of an SVD of the base weight.
+
+        ``U`` (N x r), ``S`` (r x r for ``full``, r for ``diagonal``), ``Vh`` (r x K) and ``P``
+        are kept in the dtypes given (imported adapters keep their exact values); the layer
+        computes ``U S R Vh x`` like any other. ``origin`` is recorded as ``rng_scheme`` and
+        ``svd`` (checkpoints of this package refuse layers whose P no seed reproduces).
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        if not isinstance(global_params_ref, TinyLoRAGlobalParams):
+            raise TypeError("global_params_ref must be a TinyLoRAGlobalParams, got "
+                            f"{type(global_params_ref).__name__}")
+        if U.dim() != 2 or Vh.dim() != 2:
+            raise ValueError(f"U and Vh must be matrices, got shapes {tuple(U.shape)} and "
+                             f"{tuple(Vh.shape)}")
+        if not isinstance(original_layer, nn.Linear):
+            raise TypeError(f"TinyLoRALinear wraps nn.Linear or bitsandbytes Linear4bit layers, "
+                            f"got {type(original_layer).__name__}")
+        rank, u = U.shape[1], global_params_ref.global_v.shape[0]
+        n, k = original_layer.out_features, original_layer.in_features
+        s_shape = (rank, rank) if projection == "full" else (rank,)
+        p_shape = (u, rank, rank) if projection == "full" else (u, rank)
+        for name, t, shape in (("U", U, (n, rank)), ("S", S, s_shape), ("Vh", Vh, (rank, k)),
+                               ("P", P, p_shape)):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for this {n} x {k} layer "
+                                 f"(rank {rank}, u {u}), got {tuple(t.shape)}")
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"{name} must hold finite floating-point values")
+        # checked first: _wrap freezes the base layer, which must not happen for bad factors
+        self._wrap(original_layer, rank, None, global_params_ref, projection, "cpu")
+        device = original_layer.weight.device
+        for name, t in (("U", U), ("S", S), ("Vh", Vh), ("P", P)):
+            self.register_buffer(name, t.detach().to(device).clone().contiguous())
+        self.svd = self.rng_scheme = origin
+        self.p_device_type = device.type
+        return self
+
+    def _wrap(self, original_layer, rank, u, global_params_ref, projection, svd):
+        """Validate the arguments and take ownership of the (frozen) base layer."""
         if global_params_ref is None:
             raise ValueError("TinyLoRALinear needs global_params_ref, the TinyLoRAGlobalParams "
                              "holding the shared vector v")
@@ -162,22 +226,6 @@ class TinyLoRALinear(nn.Module):
                         "to bf16, as that path left them)")
         for p in original_layer.parameters():
             p.requires_grad_(False)
-
-        device = original_layer.weight.device
-        if factor_cache is not None and not isinstance(factor_cache, FactorCache):
-            factor_cache = FactorCache(factor_cache)
-        if factor_cache is not None:
-            U, S, Vh = factor_cache.factors(original_layer, rank, svd)
-        else:
-            U, S, Vh = top_r_svd(base_weight_fp32(original_layer), rank, svd)
-        self.register_buffer("U", U.to(device=device, dtype=BUFFER_DTYPE))
-        S = torch.diag(S) if projection == "full" else S
-        self.register_buffer("S", S.to(device=device, dtype=BUFFER_DTYPE))
-        self.register_buffer("Vh", Vh.to(device=device, dtype=BUFFER_DTYPE))
-        self.register_buffer("P", draw_projections(u, rank, projection, device, generator))
-        # How P was drawn; checkpoints record it (see layers' use in checkpoint.py).
-        self.rng_scheme = "global" if generator is None else "per_layer"
-        self.p_device_type = device.type
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
         self.merged = False                 # ΔW folded into the base weight (interop.merge_...)
 

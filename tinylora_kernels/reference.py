@@ -15,8 +15,9 @@ which rounds the whole ΔW to bf16.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -115,12 +116,41 @@ def _add_adapter_values(base, x, A, B, R, out_dtype):
     return out.view(base.shape), x2, ax, z
 
 
-class _AddAdapter(torch.autograd.Function):
-    """``out = round(base + B (R (A x)))``: the rank-r term added to a base output, one rounding.
+# -- the differentiable op ---------------------------------------------------------------------
+# ``tinylora::add_adapter`` is a torch.library custom op: eager autograd and torch.compile
+# (fullgraph, any backend) see one opaque node with a fake (shape) implementation and the
+# backward below, instead of tracing through its internals.
+@torch.library.custom_op(
+    "tinylora::add_adapter", mutates_args=(),
+    schema="(Tensor base, Tensor x, Tensor A, Tensor B, Tensor R, ScalarType out_dtype) "
+           "-> (Tensor, Tensor)")
+def _add_adapter_op(base: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    R: torch.Tensor, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(round(base + B (R (A x))), A x)``; see :func:`_add_adapter_backward`."""
+    out, _, ax, _ = _add_adapter_values(base, x, A, B, R, out_dtype)
+    return out, ax
 
-    Shapes: x (M, K), base (M, N), A (r, K), B (N, r), R (r, r); products in fp32 (float64 for
-    float64 x). With ``ax = x Aᵀ`` (M, r), ``z = ax Rᵀ`` and ``out = base + z Bᵀ``, the chain rule
-    for an upstream gradient g (M, N) gives, with ``gb = g B`` (M, r):
+
+@_add_adapter_op.register_fake
+def _add_adapter_fake(base, x, A, B, R, out_dtype):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = math.prod(x.shape[:-1])
+    return base.new_empty(base.shape, dtype=out_dtype), x.new_empty((rows, A.shape[0]), dtype=acc)
+
+
+def _add_adapter_setup(ctx, inputs, output):
+    base, x, A, B, R, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], A, B, R, x if ctx.needs_input_grad[2] else None)
+    ctx.meta = (base.dtype, x.dtype, x.shape)
+
+
+def _add_adapter_backward(ctx, g, _g_ax):
+    """Gradients of ``out = round(base + B (R (A x)))``, one rounding, products in fp32.
+
+    Shapes: x (M, K), base (M, N), A (r, K), B (N, r), R (r, r); float64 for float64 x. With
+    ``ax = x Aᵀ`` (M, r), ``z = ax Rᵀ`` and ``out = base + z Bᵀ``, the chain rule for an upstream
+    gradient g (M, N) gives, with ``gb = g B`` (M, r):
 
     * d base = g;
     * d x = (gb R) A                     (M, K)   -- never through an N x K matrix;
@@ -129,33 +159,24 @@ class _AddAdapter(torch.autograd.Function):
 
     Only ``ax`` (M x r) is saved besides the small factors; x is kept only for d A.
     """
+    ax, A, B, R, x = ctx.saved_tensors
+    base_dtype, x_dtype, x_shape = ctx.meta
+    need = ctx.needs_input_grad
+    acc = ax.dtype
+    n = g.shape[-1]
+    with torch.autocast(g.device.type, enabled=False):
+        g2 = g.reshape(-1, n).to(acc)
+        gb = g2 @ B.to(acc)                                   # (M, r)
+        gbr = gb @ R.to(acc)                                  # (M, r)
+        grad_base = g.to(base_dtype) if need[0] else None
+        grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype) if need[1] else None
+        grad_a = (gbr.t() @ x.reshape(-1, x_shape[-1]).to(acc)).to(A.dtype) if need[2] else None
+        grad_b = (g2.t() @ (ax @ R.to(acc).t())).to(B.dtype) if need[3] else None
+        grad_r = (gb.t() @ ax).to(R.dtype) if need[4] else None
+    return grad_base, grad_x, grad_a, grad_b, grad_r, None
 
-    @staticmethod
-    def forward(ctx, base, x, A, B, R, out_dtype):
-        out, x2, ax, z = _add_adapter_values(base, x, A, B, R, out_dtype)
-        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        ctx.save_for_backward(ax, A, B, R, x2 if need_a else None, z if need_b else None)
-        ctx.meta = (base.dtype, x.dtype, x.shape)
-        return out
 
-    @staticmethod
-    def backward(ctx, g):
-        ax, A, B, R, x2, z = ctx.saved_tensors
-        base_dtype, x_dtype, x_shape = ctx.meta
-        acc = ax.dtype
-        n = g.shape[-1]
-        with torch.autocast(g.device.type, enabled=False):
-            g2 = g.reshape(-1, n).to(acc)
-            gb = g2 @ B.to(acc)                                   # (M, r)
-            gbr = gb @ R.to(acc)                                  # (M, r)
-            grad_base = g.to(base_dtype) if ctx.needs_input_grad[0] else None
-            grad_x = None
-            if ctx.needs_input_grad[1]:
-                grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype)
-            grad_a = (gbr.t() @ x2).to(A.dtype) if ctx.needs_input_grad[2] else None
-            grad_b = (g2.t() @ z).to(B.dtype) if ctx.needs_input_grad[3] else None
-            grad_r = (gb.t() @ ax).to(R.dtype) if ctx.needs_input_grad[4] else None
-        return grad_base, grad_x, grad_a, grad_b, grad_r, None
+_add_adapter_op.register_autograd(_add_adapter_backward, setup_context=_add_adapter_setup)
 
 
 def add_adapter(base: torch.Tensor, x: torch.Tensor, f: AdapterFactors,
@@ -163,11 +184,14 @@ def add_adapter(base: torch.Tensor, x: torch.Tensor, f: AdapterFactors,
     """``base + B (R (A x))``, accumulated in fp32 (float64 for float64 x), rounded once.
 
     ``base`` (..., N) is the base layer's output for x (..., K); the result has ``out_dtype``
-    (default: base's). One pass over the output (``addmm``), forward and backward.
+    (default: base's). One pass over the output (``addmm``), forward and backward. With autograd
+    or under torch.compile this is the ``tinylora::add_adapter`` op; plain inference calls its
+    implementation directly (no dispatcher, no graph).
     """
     out_dtype = base.dtype if out_dtype is None else out_dtype
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, f.A, f.B, f.R)):
-        return _AddAdapter.apply(base, x, f.A, f.B, f.R, out_dtype)
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (base, x, f.A, f.B, f.R))):
+        return _add_adapter_op(base, x, f.A, f.B, f.R, out_dtype)[0]
     return _add_adapter_values(base, x, f.A, f.B, f.R, out_dtype)[0]   # inference: no graph
 
 
