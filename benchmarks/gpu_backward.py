@@ -2,8 +2,9 @@
 
 Qwen2.5-Coder-3B linear shapes at M = 4096 (bf16):
 
-* ``fused``: our backward (one kernel for grad x reading NF4 transposed, g·B fused; grad R from
-  the saved A·x) — the backward alone, the forward's A·x given;
+* ``fused``: our backward as the layer runs it (``tinylora_grad_x``: at this M, decode W once +
+  one cuBLAS GEMM carrying the adapter; grad R from the saved A·x) — the forward's A·x given;
+* ``fused_kernel``: the single-kernel backward (grad x reading NF4 transposed, g·B fused);
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` + the factorized adapter, gradients by autograd;
 * ``dense_bf16``: ``F.linear`` on the bf16 weight, grad x by autograd (cuBLAS).
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from gpu_forward import SHAPES_3B, environment, make_case
-from tinylora_kernels.ops.fused_linear import fused_grad_x, fused_linear
+from tinylora_kernels.ops.fused_linear import fused_grad_x, fused_linear, tinylora_grad_x
 
 
 def timed(fn):
@@ -52,6 +53,10 @@ def layer_cases(m: int):
         R = f.R.clone().requires_grad_(True)
 
         def fused():
+            gx, gb = tinylora_grad_x(g, nf4, f, x_dtype=torch.bfloat16)
+            return gx, gb.t() @ ax
+
+        def fused_kernel():
             gx, gb = fused_grad_x(g, nf4, f, x_dtype=torch.bfloat16, store_gb=True)
             return gx, gb.t() @ ax
 
@@ -65,7 +70,8 @@ def layer_cases(m: int):
             return torch.autograd.grad(y, (xr,), g)
 
         row = {"shape": name, "N": n, "K": k, "M": m, "times": {}}
-        for pname, fn in (("fused", fused), ("bnb_peft", bnb_peft), ("dense_bf16", dense)):
+        for pname, fn in (("fused", fused), ("fused_kernel", fused_kernel), ("bnb_peft", bnb_peft),
+                          ("dense_bf16", dense)):
             row["times"][pname] = timed(fn)
         rows.append(row)
         print(name, {p: t.get("median_us", t.get("error")) for p, t in row["times"].items()},

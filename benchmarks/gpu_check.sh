@@ -1,35 +1,63 @@
 #!/usr/bin/env bash
-# The whole GPU job in one call: environment, the CUDA test tier, the forward benchmark.
-# Raw results go to $OUT (default benchmarks/results); the short table is printed last.
+# The whole GPU job in one call: environment, the CUDA test tier, the benchmark suite (forward
+# and training at the 3B shapes, the 4-layer training step), the backward per layer.
+# Raw results go to $OUT (default benchmarks/results); short tables are printed last.
 # On the project's GPU machines bitsandbytes comes staged in .device-site (see README).
+#
+#   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: what the interpreter cannot
+#                                         check: bf16, compiled paths, bitsandbytes' CUDA decode)
+#   GPU_BENCH_S=170                       time budget of the benchmark suite (0: skip it)
+#   GPU_TRAIN=0                           skip the 4-layer training step
+#   GPU_BACKWARD=0                        skip the per-layer backward benchmark
+#   GPU_FORWARD=1                         also run gpu_forward.py (GPU_SWEEP=1: decode tile sweep)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+T0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, \
 '| triton', triton.__version__, '| transformers', transformers.__version__, '| bitsandbytes', \
 b.__version__, '|', torch.cuda.get_device_name())"
 
-# CUDA tier: what the interpreter cannot check (bf16, compiled code paths, bitsandbytes' CUDA
-# decode); the CPU tiers run in CI. GPU_TESTS=all runs every kernel case (slow: compiles),
-# GPU_TESTS=none skips the tier (the benchmark still checks each case against float64).
-# GPU_SWEEP=1 adds a sweep of the fused kernel's decode tile shapes.
-sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact"}
+sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact or decode or compile"}
 if [ "$sel" = all ]; then sel=""; fi
 if [ "$sel" != none ]; then
-    timeout 55 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
-        tests/test_nf4.py -k "$sel" 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 12
+    stamp "CUDA tests"
+    timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
+        tests/test_nf4.py tests/test_backward.py tests/test_interop.py -k "$sel" 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -n 8
 fi
 
-timeout 125 python3 benchmarks/gpu_forward.py ${GPU_SWEEP:+--sweep} --out "$OUT/gpu_forward.json" 2>&1 \
-    | tee "$OUT/gpu_forward.log" | tail -n 32
-
-# GPU_BACKWARD=1: the backward pass and a 4-layer training step (PERF_TARGETS T7)
-if [ -n "${GPU_BACKWARD:-}" ]; then
-    timeout 240 python3 benchmarks/gpu_backward.py --out "$OUT/gpu_backward.json" 2>&1 \
-        | tee "$OUT/gpu_backward.log" | tail -n 20
+BENCH_S=${GPU_BENCH_S:-170}
+if [ "$BENCH_S" != 0 ]; then
+    stamp "benchmark suite"
+    timeout $(( BENCH_S + 60 )) python3 -m tinylora_kernels bench --m 1,16,4096 \
+        --modes fwd,fwd+bwd --budget-s "$BENCH_S" --out "$OUT" --name bench-gpu 2>&1 \
+        | tee "$OUT/bench-gpu.log" | tail -n 3
 fi
+if [ "${GPU_TRAIN:-1}" != 0 ]; then
+    stamp "training step, 4 decoder layers"
+    timeout 100 python3 -m tinylora_kernels bench --layers stack4 --m 4096 --modes fwd+bwd \
+        --budget-s 60 --out "$OUT" --name bench-gpu-train 2>&1 \
+        | tee "$OUT/bench-gpu-train.log" | tail -n 3
+fi
+if [ "${GPU_BACKWARD:-1}" != 0 ]; then
+    stamp "backward per layer"
+    timeout 75 python3 benchmarks/gpu_backward.py --no-train-step \
+        --out "$OUT/gpu_backward.json" 2>&1 | tee "$OUT/gpu_backward.log" | tail -n 12
+fi
+if [ -n "${GPU_FORWARD:-}" ]; then
+    stamp "forward detail"
+    timeout 125 python3 benchmarks/gpu_forward.py ${GPU_SWEEP:+--sweep} \
+        --out "$OUT/gpu_forward.json" 2>&1 | tee "$OUT/gpu_forward.log" | tail -n 32
+fi
+stamp "tables"
+for f in "$OUT"/bench-gpu.md "$OUT"/bench-gpu-train.md; do
+    [ -f "$f" ] && head -n 60 "$f"
+done
+stamp "done"

@@ -56,6 +56,38 @@ def test_fused_grad_x(m, dtype, double_quant, adapter, rng):
     assert err <= budget, f"grad x error {err:.3e} > {budget:.3e}"
 
 
+@needs_bnb
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_dequant_cublas_grad_x(dtype, adapter, rng):
+    """The large-M backward (decode + one GEMM with the adapter as extra rows) vs float64."""
+    from tinylora_kernels.ops.fused_linear import dequant_cublas_grad_x
+
+    n, k, m, dt = 70, 192, 33, DTYPES[dtype]
+    w = torch.randn(n, k, generator=rng) * 0.05
+    packed, qs = bnbF.quantize_4bit(w.to(KERNEL_DEVICE), quant_type="nf4")
+    nf4 = NF4Weight.from_quant_state(packed, qs)
+    f = AdapterFactors(A=(torch.randn(3, k, generator=rng) / k ** 0.5).bfloat16(),
+                       B=torch.randn(n, 3, generator=rng), R=torch.randn(3, 3, generator=rng))
+    f = AdapterFactors(*(t.to(KERNEL_DEVICE) for t in (f.A, f.B, f.R))) if adapter else None
+    g = torch.randn(2, m, n, generator=rng).to(dt).to(KERNEL_DEVICE)
+    gx, gb = dequant_cublas_grad_x(g, nf4, f, x_dtype=dt)
+    assert gx.shape == (2, m, k) and gx.dtype == dt
+    g2 = g.reshape(-1, n)
+    truth = g2.double() @ dequantize_nf4(nf4, torch.float64)
+    lowp = g2 @ dequantize_nf4(nf4, dt)
+    if adapter:
+        truth = truth + ((g2.double() @ f.B.double()) @ f.R.double()) @ f.A.double()
+        lowp = lowp + (((g2.float() @ f.B) @ f.R) @ f.A.float()).to(dt)
+        gb_truth = g2.double() @ f.B.double()
+        assert (gb.double() - gb_truth).abs().max() <= 1e-5 * gb_truth.abs().max()
+    else:
+        assert gb is None
+    err = (gx.reshape(-1, k).double() - truth).abs().max().item()
+    budget = 2 * (lowp.double() - truth).abs().max().item() + 1e-4
+    assert err <= budget, f"grad x error {err:.3e} > {budget:.3e}"
+
+
 def test_v_gradient_is_summed_in_fp32_over_layers():
     # 40 layers share one bf16 v: its gradient must be the fp32 sum rounded once
     def chain(v_dtype):

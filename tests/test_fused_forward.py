@@ -230,17 +230,21 @@ def test_forced_triton_refuses_with_the_reason(rng, monkeypatch):
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_triton_decode_is_bit_exact(double_quant, dtype, rng):
+@pytest.mark.parametrize("extra", [0, 16, 1], ids=["exact", "wider", "odd-stride"])
+def test_triton_decode_is_bit_exact(double_quant, dtype, extra, rng):
+    """Packed 32-bit stores (16-bit outputs, word-aligned rows) and the two-store fallback."""
     from tinylora_kernels.ops.fused_linear import dequantize_nf4_triton
 
     if dtype == torch.bfloat16 and not CUDA:
         pytest.skip("the interpreter does not round to bf16 to nearest; checked on a GPU")
 
     w = _nf4(45, 320, double_quant, rng)
-    out = torch.full((45, 320 + 16), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    out = torch.full((45, 320 + extra), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
     dequantize_nf4_triton(w, dtype, out=out)
     assert torch.equal(out[:, :320], dequantize_nf4(w, dtype))
     assert torch.isnan(out[:, 320:]).all(), "wrote past the K columns it was given"
+    if extra == 0:
+        assert torch.equal(dequantize_nf4_triton(w, dtype), dequantize_nf4(w, dtype))
 
 
 @needs_bnb

@@ -18,7 +18,7 @@ import torch
 
 from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
-from .fused_linear import fused_grad_x, tinylora_linear
+from .fused_linear import tinylora_grad_x, tinylora_linear
 
 __all__ = ["fused_tinylora_linear", "pack_weight", "unpack_weight"]
 
@@ -124,9 +124,9 @@ _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_
     schema="(Tensor g, Tensor[] weight, int[] weight_meta, ScalarType weight_dtype, Tensor A, "
            "Tensor B, Tensor R, ScalarType x_dtype) -> (Tensor, Tensor)")
 def _fused_grad_x_op(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype):
-    """``(g W + ((g B) R) A, g B)`` in one launch."""
-    return fused_grad_x(g, unpack_weight(weight, weight_meta, weight_dtype),
-                        AdapterFactors(A=A, B=B, R=R), x_dtype=x_dtype, store_gb=True)
+    """``(g W + ((g B) R) A, g B)``: one kernel, or decode + cuBLAS at large M."""
+    return tinylora_grad_x(g, unpack_weight(weight, weight_meta, weight_dtype),
+                           AdapterFactors(A=A, B=B, R=R), x_dtype=x_dtype)
 
 
 @_fused_grad_x_op.register_fake

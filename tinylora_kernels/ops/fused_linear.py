@@ -29,7 +29,8 @@ from ..nf4 import NF4Weight
 from ..reference import AdapterFactors
 from . import interpreting
 
-__all__ = ["fused_linear", "fused_linear_group", "fused_grad_x", "dequant_cublas_linear", "dequantize_nf4_triton", "tinylora_linear",
+__all__ = ["fused_linear", "fused_linear_group", "fused_grad_x", "dequant_cublas_linear",
+           "dequant_cublas_grad_x", "dequantize_nf4_triton", "tinylora_linear", "tinylora_grad_x",
            "forward_path", "KernelConfig", "pick_config", "check_supported", "CUBLAS_MIN_M"]
 
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -392,24 +393,52 @@ def _grad_x_kernel(
 
 
 @triton.jit
-def _nf4_dequant_kernel(
+def _nf4_decode_kernel(
     out_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    N, K, KH, stride_on,
-    BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    N, KH, stride_on,
+    BN: tl.constexpr, BJ: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, PACK: tl.constexpr,
 ):
-    """out[n, k] = decoded W[n, k] in out's dtype (rows of out may be longer than K)."""
-    pid_n = tl.program_id(0)
-    k0 = tl.program_id(1) * BK
-    rn = pid_n * BN + tl.arange(0, BN)
-    w_even, w_odd = _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                              _nf4_levels(code_ptr), rn, k0, N, K, KH, BN, BK, BLOCKSIZE2,
-                              DOUBLE_QUANT)
-    ke = k0 + 2 * tl.arange(0, BK // 2)
-    rows = out_ptr + rn.to(tl.int64)[:, None] * stride_on
-    mask = (rn < N)[:, None]
-    dtype = out_ptr.dtype.element_ty
-    tl.store(rows + ke[None, :], w_even.to(dtype), mask=mask)
-    tl.store(rows + (ke + 1)[None, :], w_odd.to(dtype), mask=mask)
+    """Decode bytes [BJ columns of packed bytes] x [BN rows]: W[n, 2j] and W[n, 2j+1] from byte j.
+
+    Bandwidth-bound by design: each byte is loaded once (16 per thread, vectorized), its two
+    levels come from the 16-entry table (L1-resident, 64 bytes) and are scaled in fp32 and
+    rounded once, as bitsandbytes decodes. With ``PACK`` (16-bit outputs) the pair is stored as
+    one 32-bit word, so the stores are contiguous and full-width; ``out_ptr`` is then the output
+    viewed as int32 and ``stride_on`` its row stride in words.
+    """
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rj = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    mask = (rn < N)[:, None] & (rj < KH)[None, :]
+    rn64 = rn.to(tl.int64)
+    byte = tl.load(packed_ptr + rn64[:, None] * KH + rj[None, :], mask=mask, other=0)
+    byte = byte.to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4))
+    lo = tl.load(code_ptr + (byte & 15))
+    blk = rn64[:, None] * (KH // (BLOCKSIZE // 2)) + (rj // (BLOCKSIZE // 2))[None, :]
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    if PACK:
+        if PACK == 2:
+            even = (hi * scale).to(tl.bfloat16).to(tl.int16, bitcast=True)
+            odd = (lo * scale).to(tl.bfloat16).to(tl.int16, bitcast=True)
+        else:
+            even = (hi * scale).to(tl.float16).to(tl.int16, bitcast=True)
+            odd = (lo * scale).to(tl.float16).to(tl.int16, bitcast=True)
+        even = even.to(tl.int32) & 0xFFFF
+        odd = odd.to(tl.int32)
+        # little-endian: the even column is the low half of the word
+        tl.store(out_ptr + rn64[:, None] * stride_on + rj[None, :], even | (odd << 16),
+                 mask=mask)
+    else:
+        dtype = out_ptr.dtype.element_ty
+        rows = out_ptr + rn64[:, None] * stride_on + 2 * rj[None, :]
+        tl.store(rows, (hi * scale).to(dtype), mask=mask)
+        tl.store(rows + 1, (lo * scale).to(dtype), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -633,6 +662,10 @@ def fused_linear_group(x: torch.Tensor, projections, *, out_dtype: Optional[torc
     return (outs, axs) if store_ax else outs
 
 
+#: (rows, packed bytes per row) of one decode program: 16 KB of output, 16 bytes in per thread.
+DECODE_TILE = (16, 256)
+
+
 def _nf4_pointer_args(weight: NF4Weight, dummy: torch.Tensor):
     return (weight.packed, weight.absmax,
             weight.absmax2 if weight.double_quant else dummy,
@@ -652,11 +685,17 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype,
     if out.shape[0] != n or out.shape[1] < k or out.stride(1) != 1:
         raise ValueError(f"dequantize_nf4_triton: out must be ({n}, >= {k}) with unit column "
                          f"stride, got {tuple(out.shape)} strides {out.stride()}")
-    bn = 16 if interpreting() else 64
-    grid = (triton.cdiv(n, bn), k // weight.blocksize)
-    _nf4_dequant_kernel[grid](out, *_nf4_pointer_args(weight, out), n, k, k // 2, out.stride(0),
-                              BN=bn, BK=weight.blocksize, BLOCKSIZE2=weight.blocksize2,
-                              DOUBLE_QUANT=weight.double_quant, enable_fp_fusion=False)
+    kh = k // 2
+    pack = {torch.bfloat16: 2, torch.float16: 1}.get(out.dtype, 0)
+    if pack and (out.stride(0) % 2 or out.storage_offset() % 2):
+        pack = 0                                  # rows not word-aligned: two stores per byte
+    target = out.view(torch.int32) if pack else out
+    bn, bj = (4, 32) if interpreting() else DECODE_TILE
+    grid = (triton.cdiv(n, bn), triton.cdiv(kh, bj))
+    _nf4_decode_kernel[grid](target, *_nf4_pointer_args(weight, out), n, kh, target.stride(0),
+                             BN=bn, BJ=bj, BLOCKSIZE=weight.blocksize,
+                             BLOCKSIZE2=weight.blocksize2, DOUBLE_QUANT=weight.double_quant,
+                             PACK=pack, num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -743,6 +782,53 @@ def tinylora_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
         return dequant_cublas_linear(x, weight, bias, factors, out_dtype=out_dtype,
                                      store_ax=store_ax)
     return fused_linear(x, weight, bias, factors, out_dtype=out_dtype, store_ax=store_ax)
+
+
+def dequant_cublas_grad_x(g: torch.Tensor, weight: NF4Weight,
+                          factors: Optional[AdapterFactors], *, x_dtype: torch.dtype):
+    """Training backward for x at large M: decode W once, one cuBLAS GEMM for ``g W + (gb R) A``.
+
+    As in :func:`dequant_cublas_linear`, the adapter rides in the GEMM as extra contraction rows:
+    ``[g | t_hi t_lo t_hi | 0] @ [W ; A_hi ; A_hi ; A_lo ; 0]`` with t = (g B) R (M x r) and A
+    split into its 16-bit part and remainder (fp32-accurate, one rounding). gb = g B (fp32, for
+    d R) comes from one GEMM against ``[B_hi | B_lo]``. Returns (grad_x, gb).
+    """
+    n, k = weight.shape
+    lead = g.shape[:-1]
+    cd = g.dtype
+    g2 = g.reshape(-1, n)
+    if factors is None:
+        w = dequantize_nf4_triton(weight, cd)
+        return (g2 @ w).to(x_dtype).view(*lead, k), None
+    rank = factors.A.shape[0]
+    n_ext = n + 16 * triton.cdiv(3 * rank, 16)
+    w_ext = torch.empty(n_ext, k, dtype=cd, device=g.device)
+    dequantize_nf4_triton(weight, cd, out=w_ext[:n])
+    a32 = factors.A.float()
+    a_hi = a32.to(cd)
+    w_ext[n:n + 3 * rank] = torch.cat((a_hi, a_hi, (a32 - a_hi.float()).to(cd)), dim=0)
+    w_ext[n + 3 * rank:] = 0
+    b32 = factors.B.float()
+    b_hi = b32.to(cd)
+    gb2 = _mm_fp32_out(g2, torch.cat((b_hi, (b32 - b_hi.float()).to(cd)), dim=1))
+    gb = gb2[:, :rank] + gb2[:, rank:]
+    t = gb @ factors.R.float()
+    t_hi = t.to(cd)
+    g_ext = torch.empty(g2.shape[0], n_ext, dtype=cd, device=g.device)
+    g_ext[:, :n] = g2
+    g_ext[:, n:n + 3 * rank] = torch.cat((t_hi, (t - t_hi.float()).to(cd), t_hi), dim=1)
+    g_ext[:, n + 3 * rank:] = 0
+    return (g_ext @ w_ext).to(x_dtype).view(*lead, k), gb
+
+
+def tinylora_grad_x(g: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
+                    factors: Optional[AdapterFactors], *, x_dtype: torch.dtype):
+    """``(g W + ((g B) R) A, g B)`` by the path :func:`forward_path` picks for this size."""
+    m = g.numel() // max(g.shape[-1], 1)
+    if (isinstance(weight, NF4Weight) and m > 0
+            and forward_path(m, *weight.shape) == "dequant_cublas"):
+        return dequant_cublas_grad_x(g, weight, factors, x_dtype=x_dtype)
+    return fused_grad_x(g, weight, factors, x_dtype=x_dtype, store_gb=True)
 
 
 def fused_grad_x(g: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
