@@ -9,7 +9,10 @@
 #   GPU_BENCH_S=170                       time budget of the benchmark suite (0: skip it)
 #   GPU_TRAIN=0                           skip the 4-layer training step
 #   GPU_BACKWARD=0                        skip the per-layer backward benchmark
+#   GPU_PARTS=0                           skip the prefill forward's part-by-part timing
 #   GPU_FORWARD=1                         also run gpu_forward.py (GPU_SWEEP=1: decode tile sweep)
+#   GPU_JSON_ONLY=1                       leave only JSON and the test log in $OUT (the tables
+#                                         and plots are regenerated from the JSON afterwards)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-benchmarks/results}
@@ -28,36 +31,39 @@ sel=${GPU_TESTS:-"(bf16 and nf4) or layer or dequant or bit_exact or decode or c
 if [ "$sel" = all ]; then sel=""; fi
 if [ "$sel" != none ]; then
     stamp "CUDA tests"
-    timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
-        tests/test_nf4.py tests/test_backward.py tests/test_interop.py -k "$sel" 2>&1 \
-        | tee "$OUT/gpu_tests.log" | tail -n 8
+    timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
+        tests/test_nf4.py tests/test_backward.py tests/test_interop.py tests/test_peft_import.py \
+        -k "$sel" > "$OUT/gpu_tests.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 12
 fi
 
 BENCH_S=${GPU_BENCH_S:-170}
 if [ "$BENCH_S" != 0 ]; then
     stamp "benchmark suite"
     timeout $(( BENCH_S + 60 )) python3 -m tinylora_kernels bench --m 1,16,4096 \
-        --modes fwd,fwd+bwd --budget-s "$BENCH_S" --out "$OUT" --name bench-gpu 2>&1 \
-        | tee "$OUT/bench-gpu.log" | tail -n 3
+        --modes fwd,fwd+bwd --budget-s "$BENCH_S" --out "$OUT" --name bench-gpu \
+        > /tmp/bench-gpu.log 2>&1; tail -n 1 /tmp/bench-gpu.log
 fi
 if [ "${GPU_TRAIN:-1}" != 0 ]; then
     stamp "training step, 4 decoder layers"
     timeout 100 python3 -m tinylora_kernels bench --layers stack4 --m 4096 --modes fwd+bwd \
-        --budget-s 60 --out "$OUT" --name bench-gpu-train 2>&1 \
-        | tee "$OUT/bench-gpu-train.log" | tail -n 3
+        --budget-s 60 --out "$OUT" --name bench-gpu-train \
+        > /tmp/bench-gpu-train.log 2>&1; tail -n 1 /tmp/bench-gpu-train.log
 fi
 if [ "${GPU_BACKWARD:-1}" != 0 ]; then
     stamp "backward per layer"
-    timeout 75 python3 benchmarks/gpu_backward.py --no-train-step \
-        --out "$OUT/gpu_backward.json" 2>&1 | tee "$OUT/gpu_backward.log" | tail -n 12
+    timeout 150 python3 benchmarks/gpu_backward.py --out "$OUT/gpu_backward.json" 2>&1 \
+        | grep -v Warning | tail -n 12
+fi
+if [ "${GPU_PARTS:-1}" != 0 ]; then
+    stamp "prefill forward, part by part"
+    timeout 60 python3 benchmarks/gpu_prefill_parts.py --out "$OUT/gpu_prefill_parts.json" 2>&1 \
+        | tail -n 6
 fi
 if [ -n "${GPU_FORWARD:-}" ]; then
     stamp "forward detail"
     timeout 125 python3 benchmarks/gpu_forward.py ${GPU_SWEEP:+--sweep} \
-        --out "$OUT/gpu_forward.json" 2>&1 | tee "$OUT/gpu_forward.log" | tail -n 32
+        --out "$OUT/gpu_forward.json" 2>&1 | tail -n 32
 fi
-stamp "tables"
-for f in "$OUT"/bench-gpu.md "$OUT"/bench-gpu-train.md; do
-    [ -f "$f" ] && head -n 60 "$f"
-done
+if [ -n "${GPU_JSON_ONLY:-}" ]; then rm -f "$OUT"/*.md "$OUT"/*.png; fi
 stamp "done"

@@ -247,16 +247,19 @@ def _workload(case: Case, provider: str, built: dict, device: str, dtype, gen):
     xs = {k: x.requires_grad_(True) for k, x in xs.items()}
     params = [lin.gp.global_v for lin in chain]
 
+    # a fixed random upstream gradient per output, as a loss downstream would send (not the
+    # stride-0 ones of ``.sum()``, which take other, unrepresentative paths)
+    grads = [torch.randn(case.M, n, generator=gen).to(device, dtype) for _, n, _ in case.linears()]
+
     def forward():
-        return sum(lin.run(provider, xs[k]).float().sum() for lin, (_, _, k) in
-                   zip(chain, case.linears()))
+        return [lin.run(provider, xs[k]) for lin, (_, _, k) in zip(chain, case.linears())]
 
     inputs = list(xs.values()) + ([p for p in params if p.requires_grad]
                                   if provider != "bnb_base" else [])
     if case.mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(forward(), inputs, allow_unused=True)
+        return lambda: torch.autograd.grad(forward(), inputs, grads, allow_unused=True)
     out = forward()
-    return lambda: torch.autograd.grad(out, inputs, retain_graph=True, allow_unused=True)
+    return lambda: torch.autograd.grad(out, inputs, grads, retain_graph=True, allow_unused=True)
 
 
 def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = None,

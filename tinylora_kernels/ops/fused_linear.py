@@ -699,6 +699,10 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype,
     return out
 
 
+#: The adapter's extra GEMM columns (3 r) are zero-padded to a multiple of this, so the GEMM's
+#: contraction length stays a multiple of cuBLAS' K tile (64) when the layer's own K is.
+EXT_ALIGN = 64
+
 #: From this many rows up, the forward decodes the NF4 weight once into a scratch matrix and
 #: lets cuBLAS do the product (the adapter rides in the same GEMM as extra K columns); below,
 #: the fused kernel streams the packed weight. Measured on an H200 (benchmarks/results/h200/
@@ -752,7 +756,7 @@ def dequant_cublas_linear(x: torch.Tensor, weight: NF4Weight, bias: Optional[tor
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(cd))
     else:
         rank = factors.A.shape[0]
-        k_ext = k + 16 * triton.cdiv(3 * rank, 16)          # 16-column alignment for the GEMM
+        k_ext = k + EXT_ALIGN * triton.cdiv(3 * rank, EXT_ALIGN)
         w_ext = torch.empty(n, k_ext, dtype=cd, device=x.device)
         dequantize_nf4_triton(weight, cd, out=w_ext)
         b32 = factors.B.float()
@@ -801,7 +805,7 @@ def dequant_cublas_grad_x(g: torch.Tensor, weight: NF4Weight,
         w = dequantize_nf4_triton(weight, cd)
         return (g2 @ w).to(x_dtype).view(*lead, k), None
     rank = factors.A.shape[0]
-    n_ext = n + 16 * triton.cdiv(3 * rank, 16)
+    n_ext = n + EXT_ALIGN * triton.cdiv(3 * rank, EXT_ALIGN)
     w_ext = torch.empty(n_ext, k, dtype=cd, device=g.device)
     dequantize_nf4_triton(weight, cd, out=w_ext[:n])
     a32 = factors.A.float()
