@@ -21,11 +21,12 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 #: Whether ``auto`` sends CUDA calls to the Triton kernels. Measured on an H200 (torch 2.11,
-#: triton 3.6, bitsandbytes 0.50.2; benchmarks/results/h200/gpu_forward_v3.md): the kernels are
-#: correct but slower than bitsandbytes' own 4-bit matmul plus the factorized adapter (the
-#: reference path) at every measured size of Qwen2.5-Coder-3B (M = 1, 16, 4096), e.g. 106 vs
-#: 30 µs for gate/up at M = 1 under CUDA graphs. Until a measurement says otherwise, ``auto``
-#: keeps the faster path; ``TINYLORA_BACKEND=triton`` selects the kernels.
+#: triton 3.6, bitsandbytes 0.50.2; benchmarks/results/h200/bench-gpu.json, TUNING.md v4): the
+#: kernels are correct but slower than bitsandbytes' own 4-bit matmul plus the factorized adapter
+#: at Qwen2.5-Coder-3B sizes, e.g. gate/up at M = 1 under CUDA graphs 108.8 vs 33.1 µs, at
+#: M = 4096 478.5 vs 444.5 µs, and a 4-decoder-layer training step 68.4 vs 26.1 ms; only their
+#: backward per layer at M = 4096 is ahead (1.8-2.0x). Until a measurement says otherwise, ``auto``
+#: keeps the reference path; ``TINYLORA_BACKEND=triton`` selects the kernels.
 AUTO_USES_KERNELS = False
 
 
