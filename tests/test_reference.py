@@ -153,3 +153,38 @@ def test_add_adapter_gradients_for_trainable_factors(rng):
     assert torch.autograd.gradcheck(
         lambda base, x, A, B, R: add_adapter(base, x, AdapterFactors(A=A, B=B, R=R)),
         (base, x, A, B, R))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_split16_adapter_path_vs_float64(dtype, monkeypatch, rng):
+    """The CUDA path for 16-bit tensors (one 16-bit addmm with split z / B, split A for A x,
+    split (g B) R / A for grad x), forced on the CPU: output and gradients within the 2x rule."""
+    from tinylora_kernels import reference
+
+    monkeypatch.setattr(reference, "_use_split16", lambda base, x, out_dtype, acc: (
+        acc == torch.float32 and base.dtype == x.dtype == out_dtype == dtype))
+    monkeypatch.setattr(reference, "_use_split16_grad", lambda g, x_dtype, acc: (
+        acc == torch.float32 and g.dtype == x_dtype == dtype))
+    m, n, k, r = 37, 90, 70, 3
+    x = torch.randn(m, k, generator=rng).to(dtype).requires_grad_(True)
+    base = (torch.randn(m, n, generator=rng) * 4).to(dtype).requires_grad_(True)
+    A = (torch.randn(r, k, generator=rng) / k ** 0.5).bfloat16()
+    B = torch.randn(n, r, generator=rng) * 3
+    R = torch.randn(r, r, generator=rng).requires_grad_(True)
+    g = torch.randn(m, n, generator=rng).to(dtype)
+    out = reference.add_adapter(base, x, AdapterFactors(A=A, B=B, R=R), dtype)
+    gx, gbase, gr = torch.autograd.grad(out, (x, base, R), g)
+    # float64 truth and torch's own low-precision evaluation (ΔW formed in the 16-bit dtype)
+    x64, A64, B64, R64, g64 = (t.detach().double() for t in (x, A, B, R, g))
+    truth = base.detach().double() + x64 @ (B64 @ R64 @ A64).T
+    lowp = base.detach() + x.detach() @ (B.to(dtype) @ R.detach().to(dtype) @ A.to(dtype)).T
+    gx_truth = g64 @ (B64 @ R64 @ A64)
+    gx_lowp = g @ (B.to(dtype) @ R.detach().to(dtype) @ A.to(dtype))
+    gr_truth = (g64 @ B64).T @ (x64 @ A64.T)
+    for got, t, lo in ((out, truth, lowp), (gx, gx_truth, gx_lowp)):
+        err = (got.double() - t).abs().max().item()
+        budget = 2 * (lo.double() - t).abs().max().item() + 1e-3
+        assert err <= budget, (err, budget)
+    assert torch.equal(gbase, g)
+    torch.testing.assert_close(gr.double(), gr_truth, rtol=1e-4, atol=1e-3)
+    assert out.dtype == gx.dtype == dtype

@@ -92,13 +92,82 @@ def adapter_delta(x: torch.Tensor, f: AdapterFactors) -> torch.Tensor:
 
 #: Elements of fp32 scratch per row block when adding the adapter on a CPU (1 MB: L2-sized).
 _CPU_CHUNK_ELEMENTS = 1 << 18
+_HALF = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE = [True]
 
 
-def _add_adapter_values(base, x, A, B, R, out_dtype):
-    """(out, x in acc dtype, A x, z = (A x) Rᵀ): the forward of :class:`_AddAdapter`."""
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and an fp32 result; 16-bit operands are not upcast first on
+    CUDA (``torch.mm(..., out_dtype=torch.float32)``, where this torch has it)."""
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[0] = False
+    return a.float() @ b.float()
+
+
+def _split16(t: torch.Tensor, dtype: torch.dtype):
+    """(hi, lo) in a 16-bit dtype with hi + lo == t to ~2^-16 relative (t fp32)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).to(dtype)
+
+
+def _split_operands(parts_left, parts_right, dim_left: int, dim_right: int):
+    """Concatenate the split parts of a rank-r product's two operands along its contraction,
+    zero-padded to a multiple of 8 (16-byte rows: cuBLAS' aligned kernels)."""
+    left, right = torch.cat(parts_left, dim_left), torch.cat(parts_right, dim_right)
+    pad = -left.shape[dim_left] % 8
+    if pad:
+        left = torch.cat((left, left.new_zeros(*(pad if d == dim_left else s for d, s in
+                                                 enumerate(left.shape)))), dim_left)
+        right = torch.cat((right, right.new_zeros(*(pad if d == dim_right else s for d, s in
+                                                    enumerate(right.shape)))), dim_right)
+    return left, right
+
+
+def _use_split16(base, x, out_dtype, acc) -> bool:
+    """Whether the adapter is added by one 16-bit GEMM with split operands (CUDA, all 16-bit)."""
+    return (base.is_cuda and acc == torch.float32 and base.dtype in _HALF
+            and x.dtype == base.dtype == out_dtype)
+
+
+def _use_split16_grad(g, x_dtype, acc) -> bool:
+    """The backward's counterpart of :func:`_use_split16`."""
+    return g.is_cuda and acc == torch.float32 and g.dtype in _HALF and x_dtype == g.dtype
+
+
+def _add_adapter_values(base, x, A, B, R, out_dtype, split16: Optional[bool] = None):
+    """(out, x in acc dtype, A x, z = (A x) Rᵀ): the forward of ``tinylora::add_adapter``.
+
+    Two ways, the same function to fp32 accuracy and one rounding of the output:
+
+    * 16-bit tensors on CUDA (``split16``): ``out = base + [z_hi z_lo z_hi] [B_hi B_hi B_lo]ᵀ``
+      as ONE cuBLAS ``addmm`` in the 16-bit dtype. cuBLAS accumulates in fp32 and adds base in
+      fp32 before rounding once; z and B, each split into its 16-bit part and remainder, keep
+      fp32 accuracy (only lo x lo, ~2^-16 of the adapter term, is dropped). The output is read
+      and written once (no fp32 copy of an M x N tensor); A x comes the same way from
+      ``x [A_hi; A_lo]ᵀ`` with an fp32 result.
+    * otherwise: in fp32 (float64 for float64 x), ``addmm`` on the upcast base, in ~1 MB row
+      blocks on a CPU.
+    """
     acc = torch.promote_types(x.dtype, torch.float32)
     n, k = base.shape[-1], x.shape[-1]
+    r = A.shape[0]
+    if split16 is None:
+        split16 = _use_split16(base, x, out_dtype, acc)
     with torch.autocast(x.device.type, enabled=False):
+        if split16:
+            cd = base.dtype
+            x2 = x.reshape(-1, k)
+            ax2 = _mm_fp32(x2, torch.cat(_split16(A.float(), cd)).t())      # (M, 2r)
+            ax = ax2[:, :r] + ax2[:, r:]
+            z = ax @ R.float().t()
+            z_hi, z_lo = _split16(z, cd)
+            b_hi, b_lo = _split16(B.float(), cd)
+            left, right = _split_operands((z_hi, z_lo, z_hi), (b_hi, b_hi, b_lo), 1, 1)
+            out = torch.addmm(base.reshape(-1, n), left, right.t())
+            return out.view(base.shape), x2, ax, z
         x2 = x.reshape(-1, k).to(acc)
         ax = x2 @ A.to(acc).t()
         z = ax @ R.to(acc).t()
@@ -163,15 +232,29 @@ def _add_adapter_backward(ctx, g, _g_ax):
     base_dtype, x_dtype, x_shape = ctx.meta
     need = ctx.needs_input_grad
     acc = ax.dtype
-    n = g.shape[-1]
+    n, r = g.shape[-1], A.shape[0]
+    # 16-bit on CUDA: the same split-operand GEMMs as the forward (no fp32 copy of g)
+    split16 = _use_split16_grad(g, x_dtype, acc)
     with torch.autocast(g.device.type, enabled=False):
-        g2 = g.reshape(-1, n).to(acc)
-        gb = g2 @ B.to(acc)                                   # (M, r)
-        gbr = gb @ R.to(acc)                                  # (M, r)
+        if split16:
+            g2 = g.reshape(-1, n)
+            gb2 = _mm_fp32(g2, torch.cat(_split16(B.float(), g.dtype), 1))    # (M, 2r)
+            gb = gb2[:, :r] + gb2[:, r:]
+        else:
+            g2 = g.reshape(-1, n).to(acc)
+            gb = g2 @ B.to(acc)                                   # (M, r)
+        gbr = gb @ R.to(acc)                                      # (M, r)
         grad_base = g.to(base_dtype) if need[0] else None
-        grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype) if need[1] else None
+        grad_x = None
+        if need[1] and split16:
+            t_hi, t_lo = _split16(gbr, g.dtype)
+            a_hi, a_lo = _split16(A.float(), g.dtype)
+            left, right = _split_operands((t_hi, t_lo, t_hi), (a_hi, a_hi, a_lo), 1, 0)
+            grad_x = (left @ right).view(x_shape)
+        elif need[1]:
+            grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype)
         grad_a = (gbr.t() @ x.reshape(-1, x_shape[-1]).to(acc)).to(A.dtype) if need[2] else None
-        grad_b = (g2.t() @ (ax @ R.to(acc).t())).to(B.dtype) if need[3] else None
+        grad_b = (g2.to(acc).t() @ (ax @ R.to(acc).t())).to(B.dtype) if need[3] else None
         grad_r = (gb.t() @ ax).to(R.dtype) if need[4] else None
     return grad_base, grad_x, grad_a, grad_b, grad_r, None
 
