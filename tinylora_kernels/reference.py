@@ -126,15 +126,24 @@ def _split_operands(parts_left, parts_right, dim_left: int, dim_right: int):
     return left, right
 
 
+#: Output elements from which the split 16-bit path pays: it saves ~20 bytes of traffic per
+#: output element (the fp32 round trip) but issues ~20 more small operations, worth ~50 µs of
+#: launches; below this (decode, small layers) the fp32 path is cheaper. Estimated from the
+#: H200 figures in benchmarks/TUNING.md (v4), not yet measured.
+_SPLIT16_MIN_ELEMENTS = 1 << 23
+
+
 def _use_split16(base, x, out_dtype, acc) -> bool:
-    """Whether the adapter is added by one 16-bit GEMM with split operands (CUDA, all 16-bit)."""
+    """Whether the adapter is added by one 16-bit GEMM with split operands (CUDA, all 16-bit,
+    large outputs)."""
     return (base.is_cuda and acc == torch.float32 and base.dtype in _HALF
-            and x.dtype == base.dtype == out_dtype)
+            and x.dtype == base.dtype == out_dtype and base.numel() >= _SPLIT16_MIN_ELEMENTS)
 
 
 def _use_split16_grad(g, x_dtype, acc) -> bool:
     """The backward's counterpart of :func:`_use_split16`."""
-    return g.is_cuda and acc == torch.float32 and g.dtype in _HALF and x_dtype == g.dtype
+    return (g.is_cuda and acc == torch.float32 and g.dtype in _HALF and x_dtype == g.dtype
+            and g.numel() >= _SPLIT16_MIN_ELEMENTS)
 
 
 def _add_adapter_values(base, x, A, B, R, out_dtype, split16: Optional[bool] = None):

@@ -137,6 +137,33 @@ def _fused_grad_x_fake(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype):
             g.new_empty((rows, A.shape[0]), dtype=torch.float32))
 
 
+def _fused_grad_x_setup(ctx, inputs, output):
+    g, weight, weight_meta, weight_dtype, A, B, R, x_dtype = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], A, B, R, *weight)
+    ctx.meta = (list(weight_meta), weight_dtype, g.dtype)
+
+
+def _fused_grad_x_backward(ctx, h, _h_gb):
+    """Double backward: ``gx = g W + ((g B) R) A`` is linear in g and R, so for an upstream h
+    (M, K): d g = h Wᵀ + ((h Aᵀ) Rᵀ) Bᵀ, which is the forward op applied to h, and
+    d R = (g B)ᵀ (h Aᵀ)."""
+    gb, A, B, R, *weight = ctx.saved_tensors
+    weight_meta, weight_dtype, g_dtype = ctx.meta
+    need = ctx.needs_input_grad
+    grad_g = grad_r = None
+    if need[0]:
+        grad_g = torch.ops.tinylora.fused_linear(h.to(g_dtype), weight, weight_meta, weight_dtype,
+                                                 None, A, B, R, g_dtype)[0]
+    if need[6]:
+        ha = h.reshape(-1, h.shape[-1]).float() @ A.float().t()          # (M, r)
+        grad_r = (gb.t() @ ha).to(R.dtype)
+    return grad_g, [None] * len(weight), None, None, None, None, grad_r, None
+
+
+_fused_grad_x_op.register_autograd(_fused_grad_x_backward, setup_context=_fused_grad_x_setup)
+
+
 def fused_tinylora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
                           factors: AdapterFactors, out_dtype: torch.dtype) -> torch.Tensor:
     """``x Wᵀ + B (R (A x)) + bias`` by the fused kernel, differentiable in x, R (so v) and bias."""
