@@ -130,9 +130,9 @@ def decode_sweep(gen, cap):
         floor_us = (n * k * NF4_BYTES_PER_WEIGHT + 2 * (k + n)) / (cap["copy_GBps"] * 1e3)
         for bn in (16, 32, 64):
             for warps in (4, 8):
-                for ax_dot in (False, True):
+                for ax_dot, table in ((False, False), (True, False), (False, True), (True, True)):
                     cfg = KernelConfig(BM=16, BN=bn, BK=64, num_warps=warps, num_stages=3,
-                                       ax_dot=ax_dot)
+                                       ax_dot=ax_dot, table_lookup=table)
                     t = bench_graph(lambda: fused_linear(x, nf4, None, f, config=cfg))
                     rows.append({"shape": name, "M": 1, "config": cfg.__dict__,
                                  "floor_us": floor_us, **t})
@@ -176,12 +176,13 @@ def sweep_table(rows) -> str:
     if not rows:
         return ""
     out = ["", "Decode sweep (M=1, CUDA graphs), µs:", "",
-           "| shape | BN | warps | A x on tensor cores | median µs | / floor |", "|---|---|---|---|---|---|"]
+           "| shape | BN | warps | A x on tensor cores | levels from table | median µs | / floor |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         med = r.get("median_us", float("nan"))
-        out.append(f"| {r['shape']} | {c['BN']} | {c['num_warps']} | {c['ax_dot']} | {med:.1f} | "
-                   f"{med / r['floor_us']:.1f} |")
+        out.append(f"| {r['shape']} | {c['BN']} | {c['num_warps']} | {c['ax_dot']} | "
+                   f"{c.get('table_lookup', False)} | {med:.1f} | {med / r['floor_us']:.1f} |")
     return "\n".join(out) + "\n"
 
 

@@ -333,6 +333,29 @@ def test_group_launch_dense_and_errors(rng):
 
 
 @needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_table_lookup_variant_is_bit_equal(dtype, double_quant, rng):
+    """KernelConfig.table_lookup gathers the NF4 levels from the table instead of the select
+    tree: the same fp32 levels, so the same bits out (a single and a grouped launch)."""
+    from tinylora_kernels.ops.fused_linear import KernelConfig, fused_linear, fused_linear_group
+
+    n, k, m = 70, 192, 5
+    w = _nf4(n, k, double_quant, rng)
+    w2 = _nf4(40, k, double_quant, rng)
+    x = torch.randn(m, k, generator=rng).to(DTYPES[dtype]).to(KERNEL_DEVICE)
+    f = _factors(n, k, 2, rng)
+    base_cfg = dict(BM=16, BN=32, BK=64, num_warps=4 if CUDA else 1,
+                    num_stages=2 if CUDA else 1)
+    tree = fused_linear(x, w, None, f, config=KernelConfig(**base_cfg))
+    table = fused_linear(x, w, None, f, config=KernelConfig(**base_cfg, table_lookup=True))
+    assert torch.equal(tree, table)
+    group = fused_linear_group(x, [(w, None, f), (w2, None, _factors(40, k, 2, rng))],
+                               config=KernelConfig(**base_cfg, table_lookup=True))
+    assert torch.equal(group[0], tree)
+
+
+@needs_bnb
 @pytest.mark.parametrize("m", [1, 20])
 def test_adapter_on_tensor_cores_variant(m, rng):
     # KernelConfig.ax_dot computes A x with tl.dot (16-bit inputs); same results within rounding

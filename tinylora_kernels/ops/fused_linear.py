@@ -72,7 +72,7 @@ def _nf4_lookup(c, levels):
 def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
               rn, k0, N, K, KH,
               BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-              DOUBLE_QUANT: tl.constexpr):
+              DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr = False):
     """Decode the NF4 weight tile W[rn, k0:k0+BK] as two (BN, BK/2) fp32 halves.
 
     Element e = n*K + k sits in byte e // 2: the high nibble holds the even column, the low
@@ -80,14 +80,20 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels
     returned as (even columns, odd columns) and the caller splits x the same way. BK is the NF4
     block size and K a multiple of it, so the tile is one block per row: one scale per row.
     Row n's bytes start at n * KH (KH = K / 2, passed so the compiler sees 16-byte alignment).
+    ``levels`` is the 16 levels as scalars (select tree), or with ``TABLE`` the pointer to the
+    16-entry table (one L1-resident gather per nibble).
     """
     rn64 = rn.to(tl.int64)                        # N*K passes 2**31 for the largest layers
     mask_n = rn < N
     rj = tl.arange(0, BK // 2)
     byte = tl.load(packed_ptr + rn64[:, None] * KH + (k0 // 2 + rj)[None, :],
                    mask=mask_n[:, None], other=0).to(tl.int32)
-    even = _nf4_lookup(byte >> 4, levels)
-    odd = _nf4_lookup(byte & 15, levels)
+    if TABLE:
+        even = tl.load(levels + (byte >> 4))
+        odd = tl.load(levels + (byte & 15))
+    else:
+        even = _nf4_lookup(byte >> 4, levels)
+        odd = _nf4_lookup(byte & 15, levels)
     blk = rn64 * (K // BK) + k0 // BK
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
@@ -104,11 +110,12 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels
 def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
                  rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn, stride_wk,
                  BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                 IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+                 IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr = False):
     """W[rn, k0:k0+BK] as (even columns, odd columns), from NF4 storage or a dense tensor."""
     if IS_NF4:
         w_even, w_odd = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                  levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2, DOUBLE_QUANT)
+                                  levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2, DOUBLE_QUANT,
+                                  TABLE)
     else:
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
         mask_w = mask_n[:, None] & mask_k[None, :]
@@ -130,7 +137,7 @@ def _linear_tile(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
 ):
     """Output tile (pid_m, pid_n): x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
 
@@ -150,7 +157,10 @@ def _linear_tile(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     ax = tl.zeros((BM, R_PAD), dtype=tl.float32)
     if IS_NF4:
-        levels = _nf4_levels(code_ptr)
+        if TABLE:
+            levels = code_ptr
+        else:
+            levels = _nf4_levels(code_ptr)
     else:
         levels = 0                               # unused: the weight is dense
 
@@ -165,7 +175,7 @@ def _linear_tile(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_even, w_odd = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                      levels, rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn,
-                                     stride_wk, BN, BK, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT)
+                                     stride_wk, BN, BK, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT, TABLE)
         w_even = w_even.to(x_even.dtype)
         w_odd = w_odd.to(x_even.dtype)
         if FP32_DOT:
@@ -232,7 +242,7 @@ def _fused_linear_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias): one output tile per program."""
     # program id -> output tile, grouped along M so neighbouring programs share W tiles
@@ -249,7 +259,7 @@ def _fused_linear_kernel(
                  a_ptr, b_ptr, r_ptr, M, N, K, KH, RANK,
                  stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
                  stride_an, stride_ak, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT,
-                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
+                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
 
 
 @triton.jit
@@ -269,7 +279,7 @@ def _fused_group_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
 ):
     """Two or three projections of the same x (q/k/v, gate/up) in one launch.
 
@@ -288,18 +298,18 @@ def _fused_group_kernel(
         _linear_tile(pid_m, t, x_ptr, o0, bias0, ax0, w0, am0, am20, c20, off0, code0,
                      a0, b0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
                      swn0, swk0, san0, sak0, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
     elif t < t0 + t1:
         _linear_tile(pid_m, t - t0, x_ptr, o1, bias1, ax1, w1, am1, am21, c21, off1, code1,
                      a1, b1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
                      swn1, swk1, san1, sak1, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
     else:
         if NUM_PROJ == 3:
             _linear_tile(pid_m, t - t0 - t1, x_ptr, o2, bias2, ax2, w2, am2, am22, c22, off2,
                          code2, a2, b2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk, som2,
                          son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT)
+                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
 
 
 @triton.jit
@@ -453,6 +463,8 @@ class KernelConfig:
     GROUP_M: int = 8
     #: A x on the tensor cores (16-bit inputs only) instead of r CUDA-core reductions per step
     ax_dot: bool = False
+    #: NF4 levels gathered from the 16-entry table (L1) instead of the register select tree
+    table_lookup: bool = False
 
 
 def pick_config(M: int, N: int, K: int) -> KernelConfig:
@@ -568,7 +580,7 @@ def _meta(weight, factors, bias, ax, x, cfg: KernelConfig):
                 IS_NF4=is_nf4, DOUBLE_QUANT=is_nf4 and weight.double_quant,
                 HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None,
                 STORE_AX=ax is not None, FP32_DOT=x.dtype == torch.float32,
-                AX_DOT=cfg.ax_dot and x.dtype != torch.float32,
+                AX_DOT=cfg.ax_dot and x.dtype != torch.float32, TABLE=cfg.table_lookup,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
 
 
