@@ -115,22 +115,34 @@ def _split16(t: torch.Tensor, dtype: torch.dtype):
 
 def _split_operands(parts_left, parts_right, dim_left: int, dim_right: int):
     """Concatenate the split parts of a rank-r product's two operands along its contraction,
-    zero-padded to a multiple of 8 (16-byte rows: cuBLAS' aligned kernels)."""
-    left, right = torch.cat(parts_left, dim_left), torch.cat(parts_right, dim_right)
-    pad = -left.shape[dim_left] % 8
+    zero-padded to a multiple of 8 (16-byte rows: cuBLAS' aligned kernels). One ``cat`` each:
+    the operation count matters as much as the bytes here."""
+    width = sum(t.shape[dim_left] for t in parts_left)
+    pad = -width % 8
     if pad:
-        left = torch.cat((left, left.new_zeros(*(pad if d == dim_left else s for d, s in
-                                                 enumerate(left.shape)))), dim_left)
-        right = torch.cat((right, right.new_zeros(*(pad if d == dim_right else s for d, s in
-                                                    enumerate(right.shape)))), dim_right)
-    return left, right
+        zl, zr = parts_left[0], parts_right[0]
+        parts_left = (*parts_left, zl.new_zeros(*(pad if d == dim_left else s
+                                                  for d, s in enumerate(zl.shape))))
+        parts_right = (*parts_right, zr.new_zeros(*(pad if d == dim_right else s
+                                                    for d, s in enumerate(zr.shape))))
+    return torch.cat(parts_left, dim_left), torch.cat(parts_right, dim_right)
+
+
+def _ax_fp32(x2: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``x2 Aᵀ`` (M, r) in fp32 for 16-bit x2: one GEMM when A is exact in x2's dtype (a bf16
+    buffer with bf16 activations), else against A split into its 16-bit part and remainder."""
+    r = A.shape[0]
+    if A.dtype == x2.dtype:
+        return _mm_fp32(x2, A.t())
+    ax2 = _mm_fp32(x2, torch.cat(_split16(A.float(), x2.dtype)).t())      # (M, 2r)
+    return ax2[:, :r] + ax2[:, r:]
 
 
 #: Output elements from which the split 16-bit path pays: it saves ~20 bytes of traffic per
-#: output element (the fp32 round trip) but issues ~20 more small operations, worth ~50 µs of
-#: launches; below this (decode, small layers) the fp32 path is cheaper. Estimated from the
-#: H200 figures in benchmarks/TUNING.md (v4), not yet measured.
-_SPLIT16_MIN_ELEMENTS = 1 << 23
+#: output element (the fp32 round trip) but issues ~15 more small operations, and on the H200
+#: machine each costs ~15 µs of host time (benchmarks/TUNING.md, v4); below this (decode, small
+#: layers) the fp32 path is cheaper. An estimate from those figures, not yet measured.
+_SPLIT16_MIN_ELEMENTS = 1 << 24
 
 
 def _use_split16(base, x, out_dtype, acc) -> bool:
@@ -169,8 +181,7 @@ def _add_adapter_values(base, x, A, B, R, out_dtype, split16: Optional[bool] = N
         if split16:
             cd = base.dtype
             x2 = x.reshape(-1, k)
-            ax2 = _mm_fp32(x2, torch.cat(_split16(A.float(), cd)).t())      # (M, 2r)
-            ax = ax2[:, :r] + ax2[:, r:]
+            ax = _ax_fp32(x2, A)
             z = ax @ R.float().t()
             z_hi, z_lo = _split16(z, cd)
             b_hi, b_lo = _split16(B.float(), cd)
@@ -257,8 +268,11 @@ def _add_adapter_backward(ctx, g, _g_ax):
         grad_x = None
         if need[1] and split16:
             t_hi, t_lo = _split16(gbr, g.dtype)
-            a_hi, a_lo = _split16(A.float(), g.dtype)
-            left, right = _split_operands((t_hi, t_lo, t_hi), (a_hi, a_hi, a_lo), 1, 0)
+            if A.dtype == g.dtype:                   # A exact in 16 bits: no remainder part
+                left, right = _split_operands((t_hi, t_lo), (A, A), 1, 0)
+            else:
+                a_hi, a_lo = _split16(A.float(), g.dtype)
+                left, right = _split_operands((t_hi, t_lo, t_hi), (a_hi, a_hi, a_lo), 1, 0)
             grad_x = (left @ right).view(x_shape)
         elif need[1]:
             grad_x = (gbr @ A.to(acc)).view(x_shape).to(x_dtype)
