@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from gpu_forward import SHAPES_3B, environment, make_case
+from gpu_forward import SHAPES_3B, environment, make_case, write_results
 from tinylora_kernels.ops.fused_linear import fused_grad_x, fused_linear, tinylora_grad_x
 
 
@@ -137,13 +137,10 @@ def main():
     args = ap.parse_args()
     data = {"env": environment(), "layers": layer_cases(args.m)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1))
+    Path(args.out).write_text(json.dumps(data, indent=1))     # keep what is done
     if not args.no_train_step:
         data["train_step"] = train_step_cases(4096)
-        Path(args.out).write_text(json.dumps(data, indent=1))
-    md = table(data)
-    Path(args.out).with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_results(args.out, data, table(data))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from triton.testing import do_bench
 from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
 from tinylora_kernels.ops.fused_linear import (KernelConfig, dequant_cublas_linear, forward_path,
                                                fused_linear, pick_config)
+from tinylora_kernels.bench import capture_cuda_graph
 from tinylora_kernels.reference import AdapterFactors
 
 SHAPES_3B = {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (11008, 2048),
@@ -49,12 +50,7 @@ def bench(fn):
 def bench_graph(fn):
     """The same call captured in a CUDA graph: GPU time without the Python launch cost."""
     try:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return bench(g.replay)
+        return bench(capture_cuda_graph(fn).replay)
     except Exception as exc:    # a provider that cannot be captured: say so, time nothing
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
@@ -144,16 +140,22 @@ def graph_check(gen):
     n, k = 11008, 2048
     _, _, _, nf4, x, f = make_case(n, k, 1, gen)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    fused_linear(x, nf4, None, f, out=out)                      # compile outside the capture
+    g = capture_cuda_graph(lambda: fused_linear(x, nf4, None, f, out=out))   # runs once eagerly
     eager = out.clone()
     out.fill_(float("nan"))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fused_linear(x, nf4, None, f, out=out)
     g.replay()
     torch.cuda.synchronize()
     return {"graph_equals_eager": bool(torch.equal(out, eager)),
             "graph_replay_us": bench(g.replay)["median_us"]}
+
+
+def write_results(out, data: dict, md: str) -> None:
+    """The raw JSON at ``out``, the Markdown generated from it beside it; the table is printed."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text(md.rstrip("\n") + "\n")
+    print(md)
 
 
 def environment():
@@ -239,15 +241,12 @@ def main():
     data["cuda_graph"] = graph_check(gen)
     if args.sweep:
         data["decode_sweep"] = decode_sweep(gen, cap)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1))
     md = (f"{data['env']['gpu']}, torch {data['env']['torch']}, triton {data['env']['triton']}, "
           f"bitsandbytes {data['env']['bitsandbytes']}; copy {cap['copy_GBps']:.0f} GB/s, bf16 "
           f"{cap['bf16_TFLOPs']:.0f} TFLOP/s; medians, L2 flushed\n\n" + table(data)
           + f"\n\nCUDA graph (11008x2048, M=1): {data['cuda_graph']}\n"
           + sweep_table(data.get("decode_sweep", [])))
-    Path(args.out).with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, data, md)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ Writes JSON and prints a table generated from it.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from gpu_forward import SHAPES_3B, environment, make_case
-from tinylora_kernels.ops.fused_linear import (EXT_ALIGN, _mm_fp32_out, dequant_cublas_linear,
+from gpu_forward import SHAPES_3B, environment, make_case, write_results
+from tinylora_kernels.ops.fused_linear import (EXT_ALIGN, dequant_cublas_linear,
                                                dequantize_nf4_triton)
-from tinylora_kernels.reference import add_adapter
+from tinylora_kernels.reference import _mm_fp32, add_adapter
 
 
 def us(fn):
@@ -54,7 +52,7 @@ def parts(m: int):
             "decode_bnb": us(lambda: bnbF.dequantize_4bit(packed, qs)),
             "gemm_k": us(lambda: x @ w.t()),
             "gemm_k_ext": us(lambda: x_ext @ w_ext.t()),
-            "ax": us(lambda: _mm_fp32_out(x, a16)),
+            "ax": us(lambda: _mm_fp32(x, a16)),
             "fused_path": us(lambda: dequant_cublas_linear(x, nf4, None, f,
                                                            out_dtype=torch.bfloat16)),
             "bnb": us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)),
@@ -87,11 +85,7 @@ def main():
     args = ap.parse_args()
     with torch.no_grad():
         data = {"env": environment(), "rows": parts(args.m)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1))
-    md = table(data)
-    Path(args.out).with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_results(args.out, data, table(data))
 
 
 if __name__ == "__main__":

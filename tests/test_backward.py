@@ -163,6 +163,18 @@ def test_autocast_forward_backward():
     assert gp.global_v.grad.abs().sum() > 0
 
 
+def _adapt_for_ddp(model):
+    """The adapter both sides of the DDP comparison use: frozen base, fixed v, same P."""
+    model.requires_grad_(False)
+    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    gp.global_v.requires_grad_(True)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.linspace(-0.2, 0.2, 6))
+    return gp
+
+
 def _ddp_worker(rank, world, init_file, ids, result_file, stack_file):
     import faulthandler
 
@@ -178,13 +190,7 @@ def _ddp_worker(rank, world, init_file, ids, result_file, stack_file):
     # a stuck peer raises after a minute instead of hanging the run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
-    model.requires_grad_(False)
-    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
-    torch.manual_seed(0)
-    apply_tiny_lora(model, gp, progress=False)
-    gp.global_v.requires_grad_(True)
-    with torch.no_grad():
-        gp.global_v.copy_(torch.linspace(-0.2, 0.2, 6))
+    gp = _adapt_for_ddp(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     part = ids.chunk(world)[rank]
     ddp(part, labels=part).loss.backward()
@@ -233,13 +239,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert ddp_grad is not None, f"the 2-process DDP run did not finish twice:\n{stacks}"
     # one process, the whole batch: the mean of the two halves' losses (DDP averages gradients)
     model = tiny_qwen2(quantized=False, dtype=torch.float32)
-    model.requires_grad_(False)
-    gp = TinyLoRAGlobalParams(u_dim=6, dtype=torch.float32)
-    torch.manual_seed(0)
-    apply_tiny_lora(model, gp, progress=False)
-    gp.global_v.requires_grad_(True)
-    with torch.no_grad():
-        gp.global_v.copy_(torch.linspace(-0.2, 0.2, 6))
+    gp = _adapt_for_ddp(model)
     loss = sum(model(half, labels=half).loss for half in ids.chunk(2)) / 2
     loss.backward()
     torch.testing.assert_close(ddp_grad, gp.global_v.grad, rtol=1e-5, atol=1e-7)

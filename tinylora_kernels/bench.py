@@ -2,7 +2,7 @@
 
 ``tinylora-kernels bench`` runs the default set and writes, under ``benchmarks/results/`` (or
 ``--out``), raw JSON with the environment, a Markdown table and (with matplotlib) a PNG of
-time / floor by M, all generated from the JSON. ``tinylora-kernels bench compare A.json B.json``
+time / floor by M, all generated from the JSON. ``tinylora-kernels bench --compare A.json B.json``
 shows what got faster or slower beyond the noise.
 
 Cases: one linear layer of a model (``q_proj`` ... ``down_proj``), ``decoder_layer`` (its 7
@@ -177,14 +177,20 @@ def _time(fn: Callable, device: str, budget_s: float) -> dict:
             "p80_us": q(0.8) * 1e6}
 
 
+def capture_cuda_graph(fn: Callable) -> "torch.cuda.CUDAGraph":
+    """``fn`` run once eagerly (compiles, allocates), then captured; replay the returned graph
+    to time GPU work without the host's launch cost."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _graph_time(fn: Callable) -> dict:
     try:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return _time(g.replay, "cuda", 0.1)
+        return _time(capture_cuda_graph(fn).replay, "cuda", 0.1)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 

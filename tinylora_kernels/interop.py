@@ -297,8 +297,7 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
         if module is None:
             raise fail(f"layer {name!r} is not in this model (is it the architecture the "
                        "adapter was trained on?)")
-        if isinstance(module, TinyLoRALinear) or any(
-                isinstance(m, TinyLoRALinear) for m in module.modules()):
+        if any(isinstance(m, TinyLoRALinear) for m in module.modules()):   # itself included
             raise fail(f"{name!r} already carries a TinyLoRA adapter; import onto a model "
                        "without one")
         if not isinstance(module, nn.Linear):

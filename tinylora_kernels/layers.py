@@ -132,6 +132,7 @@ class TinyLoRALinear(nn.Module):
                  projection: str = "full", svd: str = "cpu", factor_cache=None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
+        u = self._check_args(original_layer, rank, u, global_params_ref, projection, svd)
         self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
         device = original_layer.weight.device
         if factor_cache is not None and not isinstance(factor_cache, FactorCache):
@@ -163,18 +164,14 @@ class TinyLoRALinear(nn.Module):
         """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if not isinstance(global_params_ref, TinyLoRAGlobalParams):
             raise TypeError("global_params_ref must be a TinyLoRAGlobalParams, got "
                             f"{type(global_params_ref).__name__}")
         if U.dim() != 2 or Vh.dim() != 2:
             raise ValueError(f"U and Vh must be matrices, got shapes {tuple(U.shape)} and "
                              f"{tuple(Vh.shape)}")
-        if not isinstance(original_layer, nn.Linear):
-            raise TypeError(f"TinyLoRALinear wraps nn.Linear or bitsandbytes Linear4bit layers, "
-                            f"got {type(original_layer).__name__}")
-        rank, u = U.shape[1], global_params_ref.global_v.shape[0]
+        rank = U.shape[1]
+        u = cls._check_args(original_layer, rank, None, global_params_ref, projection, "cpu")
         n, k = original_layer.out_features, original_layer.in_features
         s_shape = (rank, rank) if projection == "full" else (rank,)
         p_shape = (u, rank, rank) if projection == "full" else (u, rank)
@@ -186,7 +183,7 @@ class TinyLoRALinear(nn.Module):
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise ValueError(f"{name} must hold finite floating-point values")
         # checked first: _wrap freezes the base layer, which must not happen for bad factors
-        self._wrap(original_layer, rank, None, global_params_ref, projection, "cpu")
+        self._wrap(original_layer, rank, u, global_params_ref, projection, "cpu")
         device = original_layer.weight.device
         for name, t in (("U", U), ("S", S), ("Vh", Vh), ("P", P)):
             self.register_buffer(name, t.detach().to(device).clone().contiguous())
@@ -194,8 +191,9 @@ class TinyLoRALinear(nn.Module):
         self.p_device_type = device.type
         return self
 
-    def _wrap(self, original_layer, rank, u, global_params_ref, projection, svd):
-        """Validate the arguments and take ownership of the (frozen) base layer."""
+    @staticmethod
+    def _check_args(original_layer, rank, u, global_params_ref, projection, svd) -> int:
+        """Raise on bad constructor arguments (changing nothing); returns u."""
         if global_params_ref is None:
             raise ValueError("TinyLoRALinear needs global_params_ref, the TinyLoRAGlobalParams "
                              "holding the shared vector v")
@@ -214,7 +212,10 @@ class TinyLoRALinear(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, k):
             raise ValueError(f"rank must be an int in [1, min(out, in)] = [1, {min(n, k)}] for "
                              f"this {n} x {k} layer, got {rank!r}")
+        return u
 
+    def _wrap(self, original_layer, rank, u, global_params_ref, projection, svd):
+        """Take ownership of the (frozen) base layer; the arguments passed ``_check_args``."""
         self.base_layer = original_layer
         self.rank, self.u, self.projection, self.svd = rank, u, projection, svd
         # A plain attribute, not a submodule: see the class docstring.

@@ -145,6 +145,14 @@ def _ax_fp32(x2: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 _SPLIT16_MIN_ELEMENTS = 1 << 24
 
 
+def _gb_fp32(g2: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``g2 B`` (M, r) in fp32 for 16-bit g2 (M, N), B split into its 16-bit part and
+    remainder: one GEMM, no fp32 copy of g2."""
+    r = B.shape[1]
+    gb2 = _mm_fp32(g2, torch.cat(_split16(B.float(), g2.dtype), 1))       # (M, 2r)
+    return gb2[:, :r] + gb2[:, r:]
+
+
 def _use_split16(base, x, out_dtype, acc) -> bool:
     """Whether the adapter is added by one 16-bit GEMM with split operands (CUDA, all 16-bit,
     large outputs)."""
@@ -174,7 +182,6 @@ def _add_adapter_values(base, x, A, B, R, out_dtype, split16: Optional[bool] = N
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     n, k = base.shape[-1], x.shape[-1]
-    r = A.shape[0]
     if split16 is None:
         split16 = _use_split16(base, x, out_dtype, acc)
     with torch.autocast(x.device.type, enabled=False):
@@ -252,14 +259,13 @@ def _add_adapter_backward(ctx, g, _g_ax):
     base_dtype, x_dtype, x_shape = ctx.meta
     need = ctx.needs_input_grad
     acc = ax.dtype
-    n, r = g.shape[-1], A.shape[0]
+    n = g.shape[-1]
     # 16-bit on CUDA: the same split-operand GEMMs as the forward (no fp32 copy of g)
     split16 = _use_split16_grad(g, x_dtype, acc)
     with torch.autocast(g.device.type, enabled=False):
         if split16:
             g2 = g.reshape(-1, n)
-            gb2 = _mm_fp32(g2, torch.cat(_split16(B.float(), g.dtype), 1))    # (M, 2r)
-            gb = gb2[:, :r] + gb2[:, r:]
+            gb = _gb_fp32(g2, B)
         else:
             g2 = g.reshape(-1, n).to(acc)
             gb = g2 @ B.to(acc)                                   # (M, r)

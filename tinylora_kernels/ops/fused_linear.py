@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ..reference import AdapterFactors
+from ..reference import AdapterFactors, _ax_fp32, _gb_fp32, _split16
 from . import interpreting
 
 __all__ = ["fused_linear", "fused_linear_group", "fused_grad_x", "dequant_cublas_linear",
@@ -730,23 +730,6 @@ def forward_path(M: int, N: int, K: int) -> str:
     return "dequant_cublas" if M >= CUBLAS_MIN_M else "fused"
 
 
-_MM_OUT_DTYPE = [True]
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation AND an fp32 result, without upcasting a (M x K) first.
-
-    cuBLAS does this directly (``torch.mm(..., out_dtype=torch.float32)`` on CUDA); elsewhere, or
-    on a torch without it, the operands are upcast.
-    """
-    if a.is_cuda and a.dtype != torch.float32 and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[0] = False
-    return a.float() @ b.float()
-
-
 def dequant_cublas_linear(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
                           factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
                           store_ax: bool = False):
@@ -771,16 +754,14 @@ def dequant_cublas_linear(x: torch.Tensor, weight: NF4Weight, bias: Optional[tor
         k_ext = k + EXT_ALIGN * triton.cdiv(3 * rank, EXT_ALIGN)
         w_ext = torch.empty(n, k_ext, dtype=cd, device=x.device)
         dequantize_nf4_triton(weight, cd, out=w_ext)
-        b32 = factors.B.float()
-        b_hi = b32.to(cd)
-        w_ext[:, k:k + 3 * rank] = torch.cat((b_hi, b_hi, (b32 - b_hi.float()).to(cd)), dim=1)
+        b_hi, b_lo = _split16(factors.B.float(), cd)
+        w_ext[:, k:k + 3 * rank] = torch.cat((b_hi, b_hi, b_lo), dim=1)
         w_ext[:, k + 3 * rank:] = 0
         x_ext = torch.empty(x2.shape[0], k_ext, dtype=cd, device=x.device)
         x_ext[:, :k] = x2
-        ax = _mm_fp32_out(x2, factors.A.to(cd).t())
-        z = ax @ factors.R.float().t()
-        z_hi = z.to(cd)
-        x_ext[:, k:k + 3 * rank] = torch.cat((z_hi, (z - z_hi.float()).to(cd), z_hi), dim=1)
+        ax = _ax_fp32(x2, factors.A)
+        z_hi, z_lo = _split16(ax @ factors.R.float().t(), cd)
+        x_ext[:, k:k + 3 * rank] = torch.cat((z_hi, z_lo, z_hi), dim=1)
         x_ext[:, k + 3 * rank:] = 0
         y = (torch.addmm(bias.to(cd), x_ext, w_ext.t()) if bias is not None
              else x_ext @ w_ext.t())
@@ -820,19 +801,14 @@ def dequant_cublas_grad_x(g: torch.Tensor, weight: NF4Weight,
     n_ext = n + EXT_ALIGN * triton.cdiv(3 * rank, EXT_ALIGN)
     w_ext = torch.empty(n_ext, k, dtype=cd, device=g.device)
     dequantize_nf4_triton(weight, cd, out=w_ext[:n])
-    a32 = factors.A.float()
-    a_hi = a32.to(cd)
-    w_ext[n:n + 3 * rank] = torch.cat((a_hi, a_hi, (a32 - a_hi.float()).to(cd)), dim=0)
+    a_hi, a_lo = _split16(factors.A.float(), cd)
+    w_ext[n:n + 3 * rank] = torch.cat((a_hi, a_hi, a_lo), dim=0)
     w_ext[n + 3 * rank:] = 0
-    b32 = factors.B.float()
-    b_hi = b32.to(cd)
-    gb2 = _mm_fp32_out(g2, torch.cat((b_hi, (b32 - b_hi.float()).to(cd)), dim=1))
-    gb = gb2[:, :rank] + gb2[:, rank:]
-    t = gb @ factors.R.float()
-    t_hi = t.to(cd)
+    gb = _gb_fp32(g2, factors.B)
+    t_hi, t_lo = _split16(gb @ factors.R.float(), cd)
     g_ext = torch.empty(g2.shape[0], n_ext, dtype=cd, device=g.device)
     g_ext[:, :n] = g2
-    g_ext[:, n:n + 3 * rank] = torch.cat((t_hi, (t - t_hi.float()).to(cd), t_hi), dim=1)
+    g_ext[:, n:n + 3 * rank] = torch.cat((t_hi, t_lo, t_hi), dim=1)
     g_ext[:, n + 3 * rank:] = 0
     return (g_ext @ w_ext).to(x_dtype).view(*lead, k), gb
 
