@@ -2,7 +2,7 @@
 
 Qwen2.5-Coder-3B linear shapes at M = 4096 (bf16):
 
-* ``fused``: our backward as the layer runs it (``tinylora_grad_x``: at this M, decode W once +
+* ``fused``: our backward as the layer runs it (``kernel_grad_x``, path ``large_m``: at this M, decode W once +
   one cuBLAS GEMM carrying the adapter; grad R from the saved A·x) — the forward's A·x given;
 * ``fused_kernel``: the single-kernel backward (grad x reading NF4 transposed, g·B fused);
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` + the factorized adapter, gradients by autograd;
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from gpu_forward import SHAPES_3B, environment, make_case, write_results
-from tinylora_kernels.ops.fused_linear import fused_grad_x, fused_linear, tinylora_grad_x
+from tinylora_kernels.ops.custom_ops import kernel_grad_x
+from tinylora_kernels.ops.fused_linear import fused_linear
+from tinylora_kernels.ops.grad_x import fused_grad_x
 
 
 def timed(fn):
@@ -53,7 +55,7 @@ def layer_cases(m: int):
         R = f.R.clone().requires_grad_(True)
 
         def fused():
-            gx, gb = tinylora_grad_x(g, nf4, f, x_dtype=torch.bfloat16)
+            gx, gb = kernel_grad_x("large_m", g, nf4, f, x_dtype=torch.bfloat16)
             return gx, gb.t() @ ax
 
         def fused_kernel():
@@ -81,7 +83,7 @@ def layer_cases(m: int):
 
 def train_step_cases(tokens: int):
     from tinylora_kernels import TinyLoRAGlobalParams, apply_tiny_lora
-    from tinylora_kernels.backend import forced
+    from tinylora_kernels.backend import use_backend as forced
     from tinylora_kernels.testing import tiny_qwen2
 
     ids = torch.randint(0, 1024, (2, tokens // 2), generator=torch.Generator().manual_seed(1))

@@ -32,10 +32,11 @@ import triton
 from triton.testing import do_bench
 
 from tinylora_kernels.nf4 import NF4Weight, dequantize_nf4
-from tinylora_kernels.ops.fused_linear import (KernelConfig, dequant_cublas_linear, forward_path,
-                                               fused_linear, pick_config)
+from tinylora_kernels.ops.configs import CUBLAS_MIN_M, KernelConfig, pick_config
+from tinylora_kernels.ops.fused_linear import fused_linear
+from tinylora_kernels.ops.large_m import dequant_cublas_linear
 from tinylora_kernels.bench import capture_cuda_graph
-from tinylora_kernels.reference import AdapterFactors
+from tinylora_kernels.torch_path import AdapterFactors
 
 SHAPES_3B = {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (11008, 2048),
              "down": (2048, 11008)}
@@ -107,7 +108,7 @@ def run_case(name, n, k, m, gen, cap):
     flops = 2 * m * n * k
     floor_us = max(nbytes / (cap["copy_GBps"] * 1e3), flops / (cap["bf16_TFLOPs"] * 1e6))
     row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us,
-           "config": pick_config(m, n, k).__dict__, "auto_path": forward_path(m, n, k),
+           "config": pick_config(m, n, k).__dict__, "auto_path": "large_m" if m >= CUBLAS_MIN_M else "fused",
            "max_err": errs, "bnb_peft_max_err": lowp_err, "times": {}}
     for pname, fn in providers.items():
         row["times"][pname] = bench(fn)

@@ -21,9 +21,10 @@ import torch
 from triton.testing import do_bench
 
 from gpu_forward import SHAPES_3B, environment, make_case, write_results
-from tinylora_kernels.ops.fused_linear import (EXT_ALIGN, dequant_cublas_linear,
-                                               dequantize_nf4_triton)
-from tinylora_kernels.reference import _mm_fp32, add_adapter
+from tinylora_kernels.ops.configs import EXT_ALIGN
+from tinylora_kernels.ops.large_m import dequant_cublas_linear
+from tinylora_kernels.ops.nf4_dequant import dequantize_nf4_triton
+from tinylora_kernels.torch_path import add_adapter, mm_fp32
 
 
 def us(fn):
@@ -52,7 +53,7 @@ def parts(m: int):
             "decode_bnb": us(lambda: bnbF.dequantize_4bit(packed, qs)),
             "gemm_k": us(lambda: x @ w.t()),
             "gemm_k_ext": us(lambda: x_ext @ w_ext.t()),
-            "ax": us(lambda: _mm_fp32(x, a16)),
+            "ax": us(lambda: mm_fp32(x, a16)),
             "fused_path": us(lambda: dequant_cublas_linear(x, nf4, None, f,
                                                            out_dtype=torch.bfloat16)),
             "bnb": us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)),

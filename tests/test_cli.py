@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import needs_bnb
-from tinylora_kernels.cli import format_table, main, run_check
+from tinylora_kernels.cli import main, run_check
 
 
 @needs_bnb
@@ -16,20 +16,31 @@ def test_check_runs_every_path_and_passes(capsys):
     assert "reference" in out and "0 failed" in out and "FAIL" not in out
 
 
-def test_check_reports_a_failing_path():
-    rows = [{"model": "m", "projection": "full", "path": "reference", "dtype": "fp32",
-             "layers": 1, "max_err": 1.0, "budget": 0.5, "status": "FAIL"}]
-    assert "FAIL" in format_table(rows)
-
-
-def test_check_results_are_computed(monkeypatch):
-    # a deliberately wrong forward must be caught by the check
+def _break_the_adapter(monkeypatch, scale=1.01):
+    """A deliberately wrong torch path: the adapter added onto a base 1 % off."""
     from tinylora_kernels import layers
 
-    real = layers.add_adapter
-    monkeypatch.setattr(layers, "add_adapter", lambda base, x, f, d: real(base * 1.01, x, f, d))
+    real = layers.add_adapter_inference
+    monkeypatch.setattr(layers, "add_adapter_inference",
+                        lambda base, *args: real(base * scale, *args))
+
+
+@needs_bnb
+def test_check_results_are_computed(monkeypatch):
+    _break_the_adapter(monkeypatch)
     results = run_check(rows=8, dtypes=("fp32",))
-    assert any(r["status"] == "FAIL" for r in results)
+    failed = [r for r in results if r["status"] == "FAIL"]
+    assert failed and all(r["path"] == "reference" for r in failed)
+    assert all(r["max_err"] > r["budget"] for r in failed)
+
+
+@needs_bnb
+def test_check_exits_1_and_shows_the_failing_path(monkeypatch, capsys):
+    _break_the_adapter(monkeypatch)
+    assert main(["check", "--rows", "8", "--dtypes", "fp32"]) == 1
+    out = capsys.readouterr().out
+    fail_rows = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    assert fail_rows and all("reference" in line for line in fail_rows)
 
 
 def test_module_entry_point_inspect_error(tmp_path):
@@ -37,9 +48,5 @@ def test_module_entry_point_inspect_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     proc = subprocess.run([sys.executable, "-m", "tinylora_kernels", "inspect", str(bad)],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "not a loadable" in proc.stderr
+    assert proc.returncode == 2 and "not a torch checkpoint" in proc.stderr
 
-
-def test_unknown_dtype_is_a_usage_error():
-    with pytest.raises(SystemExit):
-        main(["check", "--dtypes", "fp8"])

@@ -233,7 +233,7 @@ def test_forced_triton_refuses_with_the_reason(rng, monkeypatch):
 @pytest.mark.parametrize("extra", [0, 16, 1], ids=["exact", "wider", "odd-stride"])
 def test_triton_decode_is_bit_exact(double_quant, dtype, extra, rng):
     """Packed 32-bit stores (16-bit outputs, word-aligned rows) and the two-store fallback."""
-    from tinylora_kernels.ops.fused_linear import dequantize_nf4_triton
+    from tinylora_kernels.ops.nf4_dequant import dequantize_nf4_triton
 
     if dtype == torch.bfloat16 and not CUDA:
         pytest.skip("the interpreter does not round to bf16 to nearest; checked on a GPU")
@@ -252,7 +252,7 @@ def test_triton_decode_is_bit_exact(double_quant, dtype, extra, rng):
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "no-adapter"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_dequant_cublas_path(dtype, adapter, bias, rng):
-    from tinylora_kernels.ops.fused_linear import dequant_cublas_linear
+    from tinylora_kernels.ops.large_m import dequant_cublas_linear
 
     n, k, m, dt = 70, 192, 33, DTYPES[dtype]
     w = _nf4(n, k, True, rng)
@@ -338,7 +338,8 @@ def test_group_launch_dense_and_errors(rng):
 def test_table_lookup_variant_is_bit_equal(dtype, double_quant, rng):
     """KernelConfig.table_lookup gathers the NF4 levels from the table instead of the select
     tree: the same fp32 levels, so the same bits out (a single and a grouped launch)."""
-    from tinylora_kernels.ops.fused_linear import KernelConfig, fused_linear, fused_linear_group
+    from tinylora_kernels.ops.configs import KernelConfig
+    from tinylora_kernels.ops.fused_linear import fused_linear, fused_linear_group
 
     n, k, m = 70, 192, 5
     w = _nf4(n, k, double_quant, rng)
@@ -359,7 +360,8 @@ def test_table_lookup_variant_is_bit_equal(dtype, double_quant, rng):
 @pytest.mark.parametrize("m", [1, 20])
 def test_adapter_on_tensor_cores_variant(m, rng):
     # KernelConfig.ax_dot computes A x with tl.dot (16-bit inputs); same results within rounding
-    from tinylora_kernels.ops.fused_linear import KernelConfig, fused_linear
+    from tinylora_kernels.ops.configs import KernelConfig
+    from tinylora_kernels.ops.fused_linear import fused_linear
 
     n, k = 48, 192
     w = _nf4(n, k, True, rng)

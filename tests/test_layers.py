@@ -209,8 +209,16 @@ def test_gradients_reach_x_and_v_only(kind, rng):
     assert gp.global_v.grad is not None and gp.global_v.grad.abs().sum() > 0
     for name, p in layer.named_parameters(recurse=True):
         assert not p.requires_grad, name
-    for name, b in layer.named_buffers():
-        assert b.grad is None, name
+    # an optimizer over everything that requires grad changes v and nothing else
+    frozen = {n: t.detach().clone() for n, t in layer.state_dict().items()}
+    trainable = [t for t in [*layer.parameters(), *layer.buffers(), gp.global_v]
+                 if t.requires_grad]
+    assert trainable == [gp.global_v]
+    v_before = gp.global_v.detach().clone()
+    torch.optim.SGD(trainable, lr=1.0).step()
+    assert not torch.equal(gp.global_v, v_before)
+    for name, t in layer.state_dict().items():
+        assert torch.equal(t, frozen[name]), name
 
 
 @needs_bnb
@@ -244,11 +252,26 @@ def test_half_and_back_keeps_bf16_buffers(rng):
     _check_against_f64(layer, x)
 
 
-def test_to_device_and_dtype_moves_and_keeps_values():
+def test_to_device_and_dtype_moves_and_keeps_values(rng):
     layer, _ = _adapt(make_linear(16, 24))
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    weight = layer.base_layer.weight.detach().clone()
+    x = torch.randn(3, 24, generator=rng)
+    with torch.no_grad():
+        before = layer(x)                   # fills the layer's caches in fp32
     moved = layer.to("cpu", torch.float64)
     assert moved is layer and layer.U.dtype == torch.bfloat16
+    for name, b in layer.named_buffers():
+        assert torch.equal(b, buffers[name]), name           # values and bf16 dtype kept
     assert layer.base_layer.weight.dtype == torch.float64
+    assert torch.equal(layer.base_layer.weight, weight.double())
+    with torch.no_grad():
+        after = layer(x.double())
+    # the float64 layer computes the same function, from fresh (float64) constants
+    truth, _ = layer_truth_and_lowp(layer, x.double())
+    assert after.dtype == torch.float64
+    torch.testing.assert_close(after, truth, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after.float(), before, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_round_trip(rng):

@@ -10,7 +10,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNELS_MISSING, KERNELS_RUN, needs_bnb
 from tinylora_kernels.nf4 import NF4Weight
 
-import tinylora_kernels.reference  # noqa: F401  (registers tinylora::add_adapter)
+import tinylora_kernels.torch_path  # noqa: F401  (registers tinylora::add_adapter)
 
 
 def _factors(n, k, r, gen, device="cpu"):
@@ -20,21 +20,23 @@ def _factors(n, k, r, gen, device="cpu"):
     return A, B, R
 
 
+@pytest.mark.parametrize("split16", [False, True], ids=["fp32", "split16"])
 @pytest.mark.parametrize("trainable_factors", [False, True], ids=["frozen-AB", "trainable-AB"])
-def test_opcheck_add_adapter(trainable_factors):
+def test_opcheck_add_adapter(trainable_factors, split16):
     gen = torch.Generator().manual_seed(0)
     m, n, k, r = 5, 24, 40, 3
-    x = torch.randn(2, m, k, generator=gen, requires_grad=True)
-    base = torch.randn(2, m, n, generator=gen, requires_grad=True)
+    dt = torch.float16 if split16 else torch.float32
+    x = torch.randn(2, m, k, generator=gen).to(dt).requires_grad_(True)
+    base = torch.randn(2, m, n, generator=gen).to(dt).requires_grad_(True)
     A, B, R = _factors(n, k, r, gen)
     A.requires_grad_(trainable_factors)
     B.requires_grad_(trainable_factors)
     torch.library.opcheck(torch.ops.tinylora.add_adapter.default,
-                          (base, x, A, B, R, torch.float32))
+                          (base, x, A, B, R, dt, split16))
 
 
 def _weights(quantized, n, k, gen):
-    from tinylora_kernels.ops.autograd import pack_weight
+    from tinylora_kernels.ops.custom_ops import pack_weight
 
     w = torch.randn(n, k, generator=gen) * 0.05
     if not quantized:
@@ -45,9 +47,10 @@ def _weights(quantized, n, k, gen):
     return pack_weight(NF4Weight.from_quant_state(packed, qs))
 
 
-@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=needs_bnb)],
-                         ids=["dense", "nf4"])
-def test_opcheck_fused_ops(quantized):
+@pytest.mark.parametrize("quantized,path", [
+    (False, "fused"), pytest.param(True, "fused", marks=needs_bnb),
+    pytest.param(True, "large_m", marks=needs_bnb)], ids=["dense", "nf4", "nf4-large_m"])
+def test_opcheck_fused_ops(quantized, path):
     if not KERNELS_RUN:
         pytest.skip(KERNELS_MISSING)
     gen = torch.Generator().manual_seed(1)
@@ -58,9 +61,9 @@ def test_opcheck_fused_ops(quantized):
     g = torch.randn(m, n, generator=gen).to(KERNEL_DEVICE).requires_grad_(True)
     dt = torch.float32
     torch.library.opcheck(torch.ops.tinylora.fused_linear.default,
-                          (x, tensors, meta, wdtype, None, A, B, R, dt))
+                          (x, tensors, meta, wdtype, None, A, B, R, dt, path))
     torch.library.opcheck(torch.ops.tinylora.fused_grad_x.default,
-                          (g, tensors, meta, wdtype, A, B, R, dt))
+                          (g, tensors, meta, wdtype, A, B, R, dt, path))
 
 
 def test_fused_grad_x_double_backward_matches_the_formula():
@@ -74,7 +77,8 @@ def test_fused_grad_x_double_backward_matches_the_formula():
     A, B, R = _factors(n, k, r, gen, KERNEL_DEVICE)
     g = torch.randn(m, n, generator=gen).to(KERNEL_DEVICE).requires_grad_(True)
     h = torch.randn(m, k, generator=gen).to(KERNEL_DEVICE)
-    gx, _ = torch.ops.tinylora.fused_grad_x(g, tensors, meta, wdtype, A, B, R, torch.float32)
+    gx, _ = torch.ops.tinylora.fused_grad_x(g, tensors, meta, wdtype, A, B, R, torch.float32,
+                                           "fused")
     got = torch.autograd.grad(gx, (g, R), h)
     ref = g @ W + ((g @ B) @ R) @ A
     expected = torch.autograd.grad(ref, (g, R), h)

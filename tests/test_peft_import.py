@@ -10,7 +10,7 @@ from tinylora_kernels import (CheckpointError, TinyLoRALinear, export_lora, impo
                               save_tiny_lora, tiny_lora_layers)
 from tinylora_kernels.interop import peft_tinylora_groups
 from tinylora_kernels.nf4 import dequantize_nf4
-from tinylora_kernels.factors import is_linear4bit, nf4_of
+from tinylora_kernels.bnb import is_linear4bit, nf4_of
 from tinylora_kernels.testing import layer_truth_and_lowp, reference_error_budget, tiny_qwen2
 
 peft = pytest.importorskip("peft")

@@ -7,6 +7,7 @@ pure-torch reference of every piece of math as the oracle for the fused kernels.
 Importing this package needs neither a GPU nor Triton nor bitsandbytes.
 """
 
+from .backend import set_backend, use_backend
 from .checkpoint import (CheckpointError, TinyLoRACheckpoint, load_tiny_lora, read_checkpoint,
                          save_tiny_lora)
 from .factors import FactorCache
@@ -17,6 +18,21 @@ from .nf4 import NF4Weight, dequantize_nf4
 from .reference import AdapterFactors, adapter_delta, projection_matrix
 
 __version__ = "0.1.0"
+
+
+def _check_environment():
+    """A bad ``TINYLORA_BACKEND`` is said at import (and raised by ``apply_tiny_lora``)."""
+    import warnings
+
+    from . import backend
+
+    try:
+        backend.from_environment()
+    except ValueError as exc:
+        warnings.warn(str(exc), stacklevel=3)
+
+
+_check_environment()
 
 __all__ = [
     "AdapterFactors",
@@ -37,6 +53,8 @@ __all__ = [
     "projection_matrix",
     "read_checkpoint",
     "save_tiny_lora",
+    "set_backend",
     "tiny_lora_layers",
     "unmerge_tiny_lora",
+    "use_backend",
 ]

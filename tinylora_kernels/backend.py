@@ -1,88 +1,102 @@
-"""Which implementation computes a TinyLoRA layer: decided here, and only here.
+"""Which backend the user asked for. What a call then runs is the router's decision
+(:mod:`tinylora_kernels.router`).
 
-``TINYLORA_BACKEND`` picks the path:
+Three ways to ask, the most specific scope first:
 
-* ``auto`` (default): the path measured fastest for the call (:data:`AUTO_USES_KERNELS`); the
-  reference path wherever the kernel cannot run (CPU tensors, Triton missing, a 4-bit layer
-  whose K is not a multiple of its NF4 block);
-* ``reference``: always the pure-torch path (bitsandbytes' own matmul for a 4-bit base);
-* ``triton``: always the kernel; CPU tensors run through Triton's interpreter when
-  ``TRITON_INTERPRET=1``. When the kernel cannot take the call, this raises and says why,
-  instead of quietly computing something else.
+1. ``with use_backend("reference"): ...`` — for the calls inside the block, in this thread or
+   asyncio task only (a :mod:`contextvars` variable: thread-safe, nothing global is rewritten);
+2. ``set_backend(model, "triton")`` — for the TinyLoRA layers of one model (``None`` clears it);
+3. ``TINYLORA_BACKEND`` — for the process; checked when the package is imported and when layers are
+   applied, so a typo is reported there, naming the valid values.
+
+Values: ``auto`` (default: the path the committed measurements show fastest for the call),
+``reference`` (always the torch path: bitsandbytes' matmul + the factorized adapter), ``triton``
+(always the Triton kernels; raises and says why when they cannot take a call).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+ENV = "TINYLORA_BACKEND"
 
-#: Whether ``auto`` sends CUDA calls to the Triton kernels. Measured on an H200 (torch 2.11,
-#: triton 3.6, bitsandbytes 0.50.2; benchmarks/results/h200/bench-gpu.json, TUNING.md v4): the
-#: kernels are correct but slower than bitsandbytes' own 4-bit matmul plus the factorized adapter
-#: at Qwen2.5-Coder-3B sizes, e.g. gate/up at M = 1 under CUDA graphs 108.8 vs 33.1 µs, at
-#: M = 4096 478.5 vs 444.5 µs, and a 4-decoder-layer training step 68.4 vs 26.1 ms; only their
-#: backward per layer at M = 4096 is ahead (1.8-2.0x). Until a measurement says otherwise, ``auto``
-#: keeps the reference path; ``TINYLORA_BACKEND=triton`` selects the kernels.
-AUTO_USES_KERNELS = False
+_context: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "tinylora_backend", default=None)
+_env_seen: dict = {}          # raw variable value -> validated backend (validated once per value)
 
 
-def requested() -> str:
-    """The backend asked for by ``TINYLORA_BACKEND`` (validated)."""
-    value = os.environ.get("TINYLORA_BACKEND", "auto").strip().lower() or "auto"
+def validate(name, what: str = "backend") -> str:
+    """``name`` normalised (strip, lower case), or ValueError naming the valid values."""
+    value = str(name).strip().lower() if name is not None else ""
     if value not in BACKENDS:
-        raise ValueError(f"TINYLORA_BACKEND must be one of {BACKENDS}, got {value!r}")
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return value
 
 
-def kernel_refusal(x: torch.Tensor, weight, compute_dtype=None) -> "str | None":
-    """None when the fused kernel can compute this call, else the reason it cannot."""
-    from .ops import triton_missing
+def from_environment() -> str:
+    """The backend ``TINYLORA_BACKEND`` asks for (``auto`` when unset or empty)."""
+    raw = os.environ.get(ENV)
+    try:
+        return _env_seen[raw]
+    except KeyError:
+        pass
+    value = "auto" if raw is None or not raw.strip() else validate(raw, ENV)
+    _env_seen[raw] = value
+    return value
 
-    why = triton_missing()
-    if why is not None:
-        return why
-    from .ops.fused_linear import check_supported
 
-    return check_supported(x, weight, compute_dtype)
+def _context_value() -> Optional[str]:
+    return _context.get()
 
 
-def select(x: torch.Tensor, weight, compute_dtype=None) -> str:
-    """``"triton"`` or ``"reference"`` for input x and a layer's weight (NF4Weight or tensor).
+# torch.compile cannot trace ContextVar.get: it calls this once while tracing and keeps the value
+# (the backend is fixed when a graph is traced, as the README says)
+_traced_context_value = torch.compiler.assume_constant_result(_context_value)
 
-    ``weight`` may be a no-argument callable returning it (only called when the kernels are
-    considered). ``compute_dtype`` is the dtype the layer computes the product in (default: x's).
-    """
-    choice = requested()
-    if choice == "reference":
-        return "reference"
-    if choice == "auto" and not (x.is_cuda and AUTO_USES_KERNELS):
-        return "reference"
-    if callable(weight):
-        weight = weight()
-    why = kernel_refusal(x, weight, compute_dtype)
-    if why is None:
-        return "triton"
-    if choice == "triton":
-        raise RuntimeError(f"TINYLORA_BACKEND=triton, but the Triton kernel cannot compute this "
-                           f"layer: {why}")
-    return "reference"
+
+def requested(layer=None) -> str:
+    """The backend in force for a call of ``layer``: context, then the layer's model, then the
+    environment."""
+    value = _traced_context_value() if torch.compiler.is_compiling() else _context.get()
+    if value is not None:
+        return value
+    value = getattr(layer, "backend", None)
+    if value is not None:
+        return value
+    return from_environment()
 
 
 @contextmanager
-def forced(name: str):
-    """Within the block, ``TINYLORA_BACKEND`` is ``name`` (restored after)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    old = os.environ.get("TINYLORA_BACKEND")
-    os.environ["TINYLORA_BACKEND"] = name
+def use_backend(name: str):
+    """Within the block (this thread / task only), TinyLoRA layers use backend ``name``."""
+    token = _context.set(validate(name))
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TINYLORA_BACKEND", None)
-        else:
-            os.environ["TINYLORA_BACKEND"] = old
+        _context.reset(token)
+
+
+#: The former name of :func:`use_backend`.
+forced = use_backend
+
+
+def set_backend(model, name: Optional[str]) -> int:
+    """Set the backend of every TinyLoRA layer in ``model`` (``None``: follow the environment).
+
+    Returns the number of layers set. A ``with use_backend(...)`` block still takes precedence.
+    """
+    from .layers import TinyLoRALinear
+
+    value = None if name is None else validate(name)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TinyLoRALinear):
+            module.backend = value
+            count += 1
+    return count

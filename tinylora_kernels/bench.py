@@ -37,9 +37,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import forced as _backend
+from .backend import use_backend as _backend
 
-__all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload",
+__all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload", "host_cost",
+           "host_cost_markdown", "write_host_cost", "count_ops",
            "provider_missing", "run_suite", "markdown", "write_report", "compare"]
 
 #: (N, K) of every adapted linear, and the decoder-layer count, per model.
@@ -276,18 +277,25 @@ def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
+    bar = tqdm(total=len(cases) * len(providers) + 1, desc="tinylora bench", unit="run",
+               disable=not progress)
+    bar.set_postfix_str("measuring copy bandwidth and matmul rate")
     ceilings = measure_ceilings(device)
+    bar.update()
     gen = torch.Generator().manual_seed(0)
     built: Dict[tuple, _Linear] = {}
     rows = []
     per_case = budget_s / max(1, len(cases) * len(providers)) / 4
-    for case in tqdm(cases, desc="tinylora bench", disable=not progress):
+    for case in cases:
         row = {**asdict(case), "floor_us": floor_us(case, ceilings), "providers": {}}
         rows.append(row)
         if time.perf_counter() - start > budget_s:
             row["skipped"] = "time budget spent"
+            bar.update(len(providers))
             continue
         for provider in providers:
+            bar.set_postfix_str(f"{case.layer} M={case.M} {case.mode} {provider}")
+            bar.update()
             why = provider_missing(provider, device)
             if why is not None:
                 row["providers"][provider] = {"not_run": why}
@@ -305,6 +313,7 @@ def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = No
                 row["providers"][provider] = stats
             except Exception as exc:                     # say it, keep going
                 row["providers"][provider] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    bar.close()
     return {"env": _environment(device), "device": device, "dtype": str(dtype),
             "ceilings": ceilings, "rows": rows,
             "note": None if device == "cuda" else
@@ -351,7 +360,7 @@ def markdown(data: dict) -> str:
              f"torch {data['env']['torch']}, triton {data['env']['triton']}, bitsandbytes "
              f"{data['env']['bitsandbytes']}; copy {data['ceilings']['copy_GBps']:.0f} GB/s, "
              f"matmul {data['ceilings']['matmul_TFLOPs']:.1f} TFLOP/s "
-             f"({data['ceilings']['matmul_dtype']}); medians.", ""]
+             f"({data['ceilings']['matmul_dtype']}); medians (20–80 % range).", ""]
     if data.get("note"):
         lines += [f"**{data['note']}.**", ""]
     lines += [head, "|" + "---|" * (5 + len(provs) + 1 + len(peers))]
@@ -359,8 +368,14 @@ def markdown(data: dict) -> str:
     def med(r, p):
         return r["providers"].get(p, {}).get("median_us", math.nan)
 
+    def cell(r, p):
+        stats = r["providers"].get(p, {})
+        if "median_us" not in stats:
+            return "n/a"
+        return f"{stats['median_us']:.1f} ({stats['p20_us']:.1f}–{stats['p80_us']:.1f})"
+
     for r in data["rows"]:
-        cells = [f"{med(r, p):.1f}" if not math.isnan(med(r, p)) else "n/a" for p in provs]
+        cells = [cell(r, p) for p in provs]
         ratios = [f"{med(r, p) / med(r, ours):.2f}" for p in peers]
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['mode']} | "
                      f"{r['floor_us']:.1f} | " + " | ".join(cells)
@@ -441,3 +456,154 @@ def compare(a: dict, b: dict) -> str:
                          f"{sa['median_us']:.1f} | {sb['median_us']:.1f} | {ratio:.2f} | "
                          f"{verdict} |")
     return "\n".join(lines) + "\n"
+
+
+# -- host cost per call ----------------------------------------------------------------------------
+#: The host-cost targets: a TinyLoRALinear call over bitsandbytes' Linear4bit alone.
+HOST_COST_TARGETS = {"no_grad": 1.2, "fwd+bwd": 1.5}
+
+
+class _OpCounter:
+    """Counts the aten operations dispatched inside the block (``with _OpCounter() as c``)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops.append(str(func.overloadpacket.__name__))
+                return func(*args, **(kwargs or {}))
+
+        self.ops = []
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def count_ops(fn: Callable) -> List[str]:
+    """The aten operations one call of ``fn`` dispatches, in order."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.ops
+
+
+def _host_layer(n: int, k: int, device: str):
+    import bitsandbytes as bnb
+
+    from . import TinyLoRAGlobalParams, TinyLoRALinear
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                            compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False,
+                                   quant_type="nf4").to(device)
+    lin.train()               # bitsandbytes' eval-mode CPU forward repacks the weight in place
+    gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
+    layer = TinyLoRALinear(lin, RANK, None, gp, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+    return lin, layer, gp
+
+
+def _min_and_median(fn: Callable, rounds: int, reps: int, sync) -> dict:
+    for _ in range(max(10, reps // 10)):
+        fn()
+    sync()
+    per_call = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        per_call.append((time.perf_counter() - t0) / reps * 1e6)
+    return {"min_us": min(per_call), "median_us": statistics.median(per_call),
+            "rounds_us": per_call}
+
+
+def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
+              reps: int = 200, backends=("reference",)) -> dict:
+    """Per-call cost of a TinyLoRALinear against bitsandbytes' ``Linear4bit`` alone, on a layer
+    small enough that the arithmetic is negligible: what remains is Python and dispatch.
+
+    M = 1, bf16, bitsandbytes in train mode (its eval-mode CPU forward repacks the weight). Two
+    cases: ``no_grad`` (generation) and ``fwd+bwd`` (x and v require grad; the bare layer
+    differentiates x). Per-call times are the mean over ``reps`` calls; the ratio uses the
+    minimum over ``rounds`` (the least noisy estimate on a shared machine), the median is kept
+    too. Also records the aten operations one call issues.
+    """
+    from . import backend as backend_mod
+    from . import router
+
+    lin, layer, gp = _host_layer(n, k, device)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    xg = x.clone().requires_grad_(True)
+    gy = torch.randn(1, n, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def bare_no_grad():
+        with torch.no_grad():
+            lin(x)
+
+    def bare_fwd_bwd():
+        torch.autograd.grad(lin(xg), [xg], gy)
+
+    def ours_no_grad():
+        with torch.no_grad():
+            layer(x)
+
+    def ours_fwd_bwd():
+        torch.autograd.grad(layer(xg), [xg, gp.global_v], gy)
+
+    results = {}
+    for case, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
+                             ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
+        row = {"bitsandbytes": _min_and_median(bare, rounds, reps, sync),
+               "bitsandbytes_ops": len(count_ops(bare))}
+        for name in backends:
+            with backend_mod.use_backend(name):
+                row[name] = _min_and_median(ours, rounds, reps, sync)
+                ops = count_ops(ours)
+                row[f"{name}_ops"] = len(ops)
+                row[f"{name}_op_list"] = ops
+                row[f"{name}_plan"] = str(router.explain(layer, x))
+            row[f"{name}_ratio"] = row[name]["min_us"] / row["bitsandbytes"]["min_us"]
+        results[case] = row
+    return {"what": f"per-call host cost, TinyLoRALinear vs bitsandbytes Linear4bit alone, "
+                    f"{n} x {k}, M = 1, bf16, {device}",
+            "env": _environment(device), "threads": torch.get_num_threads(),
+            "rounds": rounds, "reps": reps, "targets": HOST_COST_TARGETS,
+            "results": results}
+
+
+def host_cost_markdown(data: dict) -> str:
+    """The host-cost table, generated from its JSON."""
+    lines = [f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "
+             f"{data['env']['bitsandbytes']}, {data['threads']} threads; µs per call, minimum "
+             f"(median) of {data['rounds']} rounds x {data['reps']} calls.", "",
+             "| case | path | bitsandbytes µs | ours µs | ratio (min) | target | ops: bnb / ours |",
+             "|---|---|---|---|---|---|---|"]
+    for case, row in data["results"].items():
+        bare = row["bitsandbytes"]
+        for name in [k for k in row if k.endswith("_ratio")]:
+            b = name[:-6]
+            ours = row[b]
+            lines.append(
+                f"| {case} | {b} | {bare['min_us']:.1f} ({bare['median_us']:.1f}) | "
+                f"{ours['min_us']:.1f} ({ours['median_us']:.1f}) | {row[name]:.2f} | "
+                f"≤ {data['targets'][case]} | {row['bitsandbytes_ops']} / {row[b + '_ops']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_host_cost(data: dict, out_dir: Path, stem: str) -> List[Path]:
+    """JSON and Markdown of :func:`host_cost` under ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(data, indent=1))
+    paths[1].write_text(host_cost_markdown(data))
+    return paths

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .factors import RNG_SCHEMES, SVD_METHODS, p_scale
 from .layers import TinyLoRAGlobalParams, apply_tiny_lora, find_targets, tiny_lora_layers
-from .reference import PROJECTIONS
+from .torch_path import PROJECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,26 @@ def _fail(path, msg) -> CheckpointError:
     return CheckpointError(f"{path}: {msg}")
 
 
+def _load_failure(path: str, exc: Exception) -> str:
+    """Why ``torch.load`` refused a file, in words a user can act on."""
+    import re
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        return (f"not a torch checkpoint (torch.save writes a zip archive; this file starts with "
+                f"{head!r})")
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global ['\"]?([\w.]+)", text)
+    if found:
+        return (f"the file asks to load the Python object {found.group(1)!r}, which was refused: "
+                "a TinyLoRA checkpoint holds only tensors and plain values, and loading anything "
+                "else could run code from the file")
+    first = text.splitlines()[0] if text else ""
+    return f"not a loadable tensors-only torch file ({type(exc).__name__}: {first})"
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> TinyLoRACheckpoint:
     """Read and validate a ``tiny_lora_v.pt`` (users' or ours) without touching any model."""
     path = os.fspath(path)
@@ -111,8 +131,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> TinyLoRACheckpoint:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise _fail(path, f"not a loadable tensors-only torch file ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise _fail(path, _load_failure(path, exc)) from None
     if not isinstance(sd, dict):
         raise _fail(path, f"expected a dict of checkpoint keys, found {type(sd).__name__}")
     missing = [k for k in _USER_KEYS if k not in sd]
@@ -163,6 +182,10 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> TinyLoRACheckpoint:
         if not isinstance(sd["p_scale"], (int, float)) or not math.isclose(sd["p_scale"], expected):
             raise _fail(path, f"p_scale={sd['p_scale']!r} does not match the {projection!r} "
                               f"projection at rank {sd['rank']} (expected {expected})")
+    scales = sd.get("base_block_scales")
+    if scales is not None and scales not in ("as_stored", "rounded_to_bf16"):
+        raise _fail(path, f"'base_block_scales' must be 'as_stored' or 'rounded_to_bf16', found "
+                          f"{scales!r}")
     known = set(_USER_KEYS) | {"is_quantized", "format_version", "projection", "rng_scheme", "svd",
                                "buffer_dtype", "p_device_type", "p_scale"}
     return TinyLoRACheckpoint(
@@ -236,8 +259,13 @@ def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int
         "svd": first.svd,
         "buffer_dtype": "bfloat16",
     }
+    if any(m.is_quantized for m in layers):
+        rounded = any(getattr(m, "scales_rounded_bf16", False) for m in layers)
+        sd["base_block_scales"] = "rounded_to_bf16" if rounded else "as_stored"
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save {path}: the directory {directory} does not exist")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-tiny-lora-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -296,6 +324,11 @@ def load_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *,
         warnings.warn(f"{ck.path} was trained on a {'4-bit' if ck.is_quantized else 'float'} "
                       f"base and this model is {'4-bit' if quantized else 'float'}: the SVD "
                       "factors, and so the adapter, differ from the trained ones", stacklevel=2)
+    if ck.extra.get("base_block_scales") == "rounded_to_bf16":
+        warnings.warn(f"{ck.path} was trained on a 4-bit base whose block scales bitsandbytes had "
+                      "rounded to bf16 (an eval-mode CPU forward before apply_tiny_lora); a "
+                      "freshly loaded model keeps them unrounded, so its outputs differ slightly "
+                      "(~1e-2 in the logits) from the trained model's", stacklevel=2)
     device = targets[0][2].weight.device
     if (ck.rng_scheme == "global" and ck.p_device_type is not None
             and device.type != ck.p_device_type):

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from .backend import forced as _backend
+from .backend import use_backend as _backend
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,9 +33,11 @@ def _paths(device: str) -> List[tuple]:
 
 
 def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
-              progress: bool = False, device: str = "cpu") -> List[dict]:
-    """Evaluate every available path on small random models; one result row per case."""
-    from . import TinyLoRAGlobalParams, apply_tiny_lora, tiny_lora_layers
+              progress: bool = False, device: str = "cpu", plans: bool = False) -> List[dict]:
+    """Evaluate every available path on small random models; one result row per case.
+
+    With ``plans``, each row also carries the router's plan for the model's first layer."""
+    from . import TinyLoRAGlobalParams, apply_tiny_lora, router, tiny_lora_layers
     from .testing import layer_truth_and_lowp, reference_error_budget, tiny_qwen2
 
     kinds = [("qwen2 4-bit nf4 dq", dict(quantized=True, double_quant=True)),
@@ -71,6 +73,8 @@ def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
                     try:
                         with torch.no_grad(), _backend(name):
                             y = layer(x)
+                            if plans and "plan" not in row:
+                                row["plan"] = f"{label} {dname}: {router.explain(layer, x)}"
                     except RuntimeError as exc:   # a forced path that cannot take this call
                         reason = str(exc).split(": ", 1)[-1]
                         break
@@ -103,34 +107,126 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``tinylora-kernels``; returns the process exit code."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _choices_list(valid, what: str, pattern: str = None):
+    """An argparse type: a comma-separated list, each item one of ``valid`` (or matching the
+    regular expression ``pattern``)."""
+    import re
+
+    def parse(text: str) -> List[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        bad = [s for s in items if s not in valid and not (pattern and re.fullmatch(pattern, s))]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(valid)}")
+        return items
+    return parse
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [_positive_int(s.strip()) for s in text.split(",") if s.strip()] or \
+            _positive_int("")
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: row counts are comma-separated whole "
+                                         f"numbers >= 1 ({exc})") from None
+
+
+def _device(text: str) -> str:
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from cpu, cuda")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("--device cuda, but torch sees no CUDA device here "
+                                         f"(torch {torch.__version__})")
+    return text
+
+
+def _result_file(text: str) -> str:
+    import json
+    from pathlib import Path
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a JSON result file ({exc})") from None
+    if not isinstance(data, dict) or "rows" not in data:
+        raise argparse.ArgumentTypeError(f"{text}: not a result file of tinylora-kernels bench "
+                                         "(no 'rows')")
+    return text
+
+
+def _quiet_bitsandbytes():
+    """Keep bitsandbytes' import-time notice about an optional CPU kernel (the ``kernels``
+    package from a model hub, not needed) out of this command's output."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tinylora-kernels``."""
+    from . import bench
+
     parser = argparse.ArgumentParser(prog="tinylora-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     p_check = sub.add_parser("check", help="every available path vs the float64 formula")
     p_check.add_argument("--seed", type=int, default=0)
-    p_check.add_argument("--rows", type=int, default=64, help="input rows per layer")
-    p_check.add_argument("--dtypes", default="fp32,fp16,bf16",
-                         help="comma-separated, from fp32, fp16, bf16")
-    p_check.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p_check.add_argument("--rows", type=_positive_int, default=64, help="input rows per layer")
+    p_check.add_argument("--dtypes", type=_choices_list(tuple(_DTYPES), "dtype"),
+                         default=list(_DTYPES), help="comma-separated, from fp32, fp16, bf16")
+    p_check.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p_check.add_argument("--plans", action="store_true",
+                         help="also print the router's plan for each model's first layer")
     p_inspect = sub.add_parser("inspect", help="what a tiny_lora_v.pt holds")
     p_inspect.add_argument("checkpoint")
     p_bench = sub.add_parser("bench", help="every provider side by side against the floor")
-    p_bench.add_argument("--models", help="comma-separated: qwen2.5-coder-3b, qwen2.5-7b, "
-                         "cpu-reduced (default: 3b on a GPU, cpu-reduced on a CPU)")
-    p_bench.add_argument("--m", help="comma-separated row counts (default 1,16,128,4096 on a "
-                         "GPU, 1,16,128 on a CPU)")
-    p_bench.add_argument("--layers", help="comma-separated: q_proj ... down_proj, "
-                         "decoder_layer, stack<N> (default: every linear + decoder_layer)")
-    p_bench.add_argument("--modes", default="fwd", help="comma-separated: fwd, bwd, fwd+bwd")
-    p_bench.add_argument("--providers", default=",".join(
-        ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")))
+    p_bench.add_argument("--models", type=_choices_list(tuple(bench.MODELS), "model"),
+                         help="comma-separated: " + ", ".join(bench.MODELS)
+                         + " (default: qwen2.5-coder-3b on a GPU, cpu-reduced on a CPU)")
+    p_bench.add_argument("--m", type=_int_list, help="comma-separated row counts (default "
+                         "1,16,128,4096 on a GPU, 1,16,128 on a CPU)")
+    layer_names = tuple(dict.fromkeys(n for m in bench.MODELS.values() for n in m["shapes"]))
+    p_bench.add_argument("--layers", type=_choices_list(layer_names + ("decoder_layer",
+                                                                       "stack<N>"),
+                                                        "layer", r"stack[1-9][0-9]*"),
+                         help="comma-separated: q_proj ... down_proj, decoder_layer, stack<N> "
+                         "(default: every linear + decoder_layer)")
+    p_bench.add_argument("--modes", type=_choices_list(bench.MODES, "mode"), default=["fwd"],
+                         help="comma-separated: fwd, bwd, fwd+bwd")
+    p_bench.add_argument("--providers", type=_choices_list(bench.PROVIDERS, "provider"),
+                         default=list(bench.PROVIDERS))
     p_bench.add_argument("--budget-s", type=float, default=600.0, help="total time budget")
-    p_bench.add_argument("--out", default="benchmarks/results", help="output directory")
-    p_bench.add_argument("--name", default=None, help="file stem (default: bench-<device>)")
-    p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"),
+    p_bench.add_argument("--out", default=".", help="output directory (default: the current "
+                         "one); existing files are never overwritten")
+    p_bench.add_argument("--name", default=None,
+                         help="file stem (default: bench-<device>-<date>-<time>)")
+    p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"), type=_result_file,
                          help="compare two result files instead of running")
+    p_bench.add_argument("--host-cost", action="store_true",
+                         help="time the per-call host cost of a tiny layer instead (CPU)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``tinylora-kernels``; returns the process exit code."""
+    _quiet_bitsandbytes()
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "bench":
@@ -148,21 +244,30 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     seed = getattr(args, "seed", 0)
     rows = getattr(args, "rows", 64)
-    dtypes = tuple(getattr(args, "dtypes", "fp32,fp16,bf16").split(","))
-    unknown = [d for d in dtypes if d not in _DTYPES]
-    if unknown:
-        parser.error(f"unknown dtype(s) {unknown}; choose from {list(_DTYPES)}")
+    dtypes = tuple(getattr(args, "dtypes", list(_DTYPES)))
     device = getattr(args, "device", "cpu")
     start = time.perf_counter()
     print(f"tinylora_kernels check: torch {torch.__version__}, device {device}; every path vs a "
           "float64 evaluation of U diag(S) R Vh (budget: 2x torch's own low-precision error + "
           "1e-5)", flush=True)
-    results = run_check(seed=seed, rows=rows, dtypes=dtypes, device=device)
+    results = run_check(seed=seed, rows=rows, dtypes=dtypes, device=device,
+                        plans=getattr(args, "plans", False))
     print(format_table(results))
+    for line in sorted({r["plan"] for r in results if r.get("plan")}):
+        print("plan:", line)
     failed = [r for r in results if r["status"] == "FAIL"]
     print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
+
+
+def _free_stem(out_dir, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... : the first with no file of that name yet."""
+    candidate, i = stem, 1
+    while any(out_dir.glob(f"{candidate}.*")):
+        i += 1
+        candidate = f"{stem}-{i}"
+    return candidate
 
 
 def _bench(args) -> int:
@@ -176,26 +281,25 @@ def _bench(args) -> int:
         print(bench.compare(a, b), end="")
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    split = lambda v: [s for s in v.split(",") if s] if v else None   # noqa: E731
-    models = split(args.models)
-    unknown = [m for m in (models or []) if m not in bench.MODELS]
-    if unknown:
-        print(f"error: unknown model(s) {unknown}; choose from {list(bench.MODELS)}",
-              file=sys.stderr)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: --out {args.out} is a file, not a directory", file=sys.stderr)
         return 2
-    cases = bench.default_cases(device, models=models,
-                                ms=[int(v) for v in split(args.m)] if args.m else None,
-                                modes=split(args.modes), layers=split(args.layers))
-    providers = split(args.providers)
-    bad = [p for p in providers if p not in bench.PROVIDERS]
-    if bad:
-        print(f"error: unknown provider(s) {bad}; choose from {list(bench.PROVIDERS)}",
-              file=sys.stderr)
-        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.host_cost:
+        data = bench.host_cost()
+        stem = _free_stem(out_dir, args.name or f"host-cost-{stamp}")
+        paths = bench.write_host_cost(data, out_dir, stem)
+        print(bench.host_cost_markdown(data), end="")
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    cases = bench.default_cases(device, models=args.models, ms=args.m, modes=args.modes,
+                                layers=args.layers)
     if device == "cpu":
-        print("No GPU here: CPU timings on reduced shapes; GPU figures need a GPU.")
-    data = bench.run_suite(cases, providers, device=device, budget_s=args.budget_s)
-    paths = bench.write_report(data, Path(args.out), args.name or f"bench-{device}")
+        print("No GPU here: CPU timings on reduced shapes; GPU figures need a GPU.", flush=True)
+    data = bench.run_suite(cases, args.providers, device=device, budget_s=args.budget_s)
+    stem = _free_stem(out_dir, args.name or f"bench-{device}-{stamp}")
+    paths = bench.write_report(data, out_dir, stem)
     print(bench.markdown(data), end="")
     print("wrote " + ", ".join(str(p) for p in paths) + (f" ({data['plot']})"
                                                         if data.get("plot") else ""))

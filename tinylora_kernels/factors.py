@@ -30,7 +30,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .nf4 import NF4Weight, dequantize_nf4
+from .bnb import is_linear4bit, nf4_of
+from .nf4 import dequantize_nf4
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,6 @@ __all__ = ["SVD_METHODS", "RNG_SCHEMES", "FactorCache", "base_weight_fp32", "top
 
 SVD_METHODS = ("cpu", "device")
 RNG_SCHEMES = ("global", "per_layer")
-
-
-def is_linear4bit(layer) -> bool:
-    """True for a bitsandbytes ``Linear4bit`` (checked without importing bitsandbytes)."""
-    return hasattr(getattr(layer, "weight", None), "quant_state") or any(
-        c.__name__ == "Linear4bit" for c in type(layer).__mro__)
-
-
-def nf4_of(layer) -> NF4Weight:
-    """The :class:`NF4Weight` view of a ``Linear4bit``'s storage."""
-    return NF4Weight.from_bnb(layer.weight)
 
 
 def base_weight_fp32(layer) -> torch.Tensor:
@@ -125,6 +115,9 @@ class FactorCache:
 
     def __init__(self, directory: Union[str, os.PathLike]):
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"factor_cache must be a directory; {str(self.directory)!r} is a "
+                             "file")
         self.hits = 0
         self.misses = 0
 

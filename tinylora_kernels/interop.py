@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError
-from .factors import nf4_of
+from .bnb import nf4_of
 from .layers import TARGET_SUFFIXES, TinyLoRAGlobalParams, TinyLoRALinear, tiny_lora_layers
 from .nf4 import dequantize_nf4
 

@@ -14,11 +14,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import backend
-from .factors import (SVD_METHODS, FactorCache, base_weight_fp32, draw_projections,
-                      is_linear4bit, nf4_of, top_r_svd)
-from .nf4 import restore_canonical_layout
-from .reference import PROJECTIONS, AdapterFactors, add_adapter, projection_matrix
+from . import backend, router
+from .bnb import (is_cpu_packed, is_linear4bit, linear4bit_compute_dtype, linear4bit_forward,
+                  nf4_of, restore_canonical_layout)
+from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
+from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
+                         LayerConstants, acc_dtype, layer_adapter, no_autocast, projection_matrix,
+                         r_from)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class TinyLoRAGlobalParams(nn.Module):
         of v in fp32 and rounds once to v's dtype, instead of adding 252 bf16 gradients in bf16.
         """
         v = self.global_v
-        acc = torch.promote_types(v.dtype, torch.float32)
+        acc = acc_dtype(v.dtype)
         if torch.compiler.is_compiling():
             return v.to(device=device, dtype=acc)    # traced once per graph: no cache needed
         key = (v.data_ptr(), v._version, torch.is_grad_enabled(), torch.device(device))
@@ -133,7 +135,7 @@ class TinyLoRALinear(nn.Module):
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         u = self._check_args(original_layer, rank, u, global_params_ref, projection, svd)
-        self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
+        rounded = _restore_layout(original_layer)
         device = original_layer.weight.device
         if factor_cache is not None and not isinstance(factor_cache, FactorCache):
             factor_cache = FactorCache(factor_cache)
@@ -141,6 +143,9 @@ class TinyLoRALinear(nn.Module):
             U, S, Vh = factor_cache.factors(original_layer, rank, svd)
         else:
             U, S, Vh = top_r_svd(base_weight_fp32(original_layer), rank, svd)
+        # only now, with nothing left that can fail, does the base layer change hands
+        self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
+        self.scales_rounded_bf16 = rounded
         self.register_buffer("U", U.to(device=device, dtype=BUFFER_DTYPE))
         S = torch.diag(S) if projection == "full" else S
         self.register_buffer("S", S.to(device=device, dtype=BUFFER_DTYPE))
@@ -221,14 +226,14 @@ class TinyLoRALinear(nn.Module):
         # A plain attribute, not a submodule: see the class docstring.
         object.__setattr__(self, "global_params_ref", global_params_ref)
         self.is_quantized = is_linear4bit(original_layer)
-        if self.is_quantized and restore_canonical_layout(original_layer):
-            log.warning("the 4-bit weight had been repacked in place by bitsandbytes' CPU "
-                        "inference path; restored the NF4 layout (its block scales stay rounded "
-                        "to bf16, as that path left them)")
+        #: bitsandbytes had rounded the NF4 block scales to bf16 (checkpoints record it)
+        self.scales_rounded_bf16 = _restore_layout(original_layer)
         for p in original_layer.parameters():
             p.requires_grad_(False)
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
         self.merged = False                 # ΔW folded into the base weight (interop.merge_...)
+        self.backend: Optional[str] = None  # per-model backend (backend.set_backend)
+        self.layer_name: Optional[str] = None   # qualified name, set by apply_tiny_lora
 
     # -- the factors -------------------------------------------------------------------------
     def adapter_factors(self) -> AdapterFactors:
@@ -241,40 +246,155 @@ class TinyLoRALinear(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._factors_from(v)
         # v itself when it is already fp32 on this device: its version must be in the key too
-        key = tuple((t.data_ptr(), t._version) for t in (v, self.U, self.S, self.Vh, self.P))
-        cache = self.__dict__.setdefault("_factor_cache_", _ViewCache())
-        factors = cache.get(v, key)
-        if factors is None:
-            factors = self._factors_from(v)
-            cache.put(v, key, factors)
-        return factors
+        key = self._constants_key(v)
+        cached = self.__dict__.get("_factors_")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_factors_"] = (key, self._factors_from(v))
+        return cached[1]
+
+    def _constants_key(self, v):
+        """What the adapter's constants depend on: v and the buffers, each by storage and
+        version (an in-place update, an optimizer step or a reassignment all change it)."""
+        b = self._buffers
+        U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
+        return (v.data_ptr(), v._version, U.data_ptr(), U._version, S.data_ptr(), S._version,
+                Vh.data_ptr(), Vh._version, P.data_ptr(), P._version)
 
     def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
         acc = v.dtype
         s = self.S.to(acc)
-        B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
+        with no_autocast(s.device.type):
+            B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
         R = projection_matrix(v, self.P, self.projection)
         return AdapterFactors(A=self.Vh, B=B, R=R)
 
+    def _constants(self, acc: torch.dtype):
+        """The :class:`~tinylora_kernels.torch_path.LayerConstants` in ``acc``: what the torch
+        path needs besides x and v, kept until a buffer changes."""
+        b = self._buffers
+        U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
+        key = (acc, U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(),
+               Vh._version, P.data_ptr(), P._version)
+        cached = self.__dict__.get("_consts_")
+        if cached is None or cached[0] != key:
+            with no_autocast(U.device.type):
+                s = S.to(acc)
+                B = U.to(acc) @ s if s.dim() == 2 else U.to(acc) * s
+            a = Vh.to(acc)
+            p = P.to(acc).reshape(P.shape[0], -1)
+            pt = p.t().contiguous()
+            cached = self.__dict__["_consts_"] = (key, LayerConstants(
+                a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt))
+        return cached[1]
+
+    def _inference_operands(self, acc: torch.dtype):
+        """(Aᵀ Rᵀ, Bᵀ) in ``acc`` for the no-grad torch path, kept until v or a buffer changes;
+        R formed exactly as :func:`~tinylora_kernels.torch_path.layer_adapter` forms it."""
+        consts = self._constants(acc)
+        at, bt, pt = consts.at, consts.bt, consts.pt
+        v = self.global_params_ref.global_v
+        key = (v.data_ptr(), v._version, id(consts))
+        cached = self.__dict__.get("_operands_")
+        if cached is None or cached[0] != key:
+            vv = self.global_params_ref.compute_view(pt.device)
+            with no_autocast(pt.device.type):
+                rat = at @ r_from(vv.to(acc), pt, self.projection).t()
+            cached = self.__dict__["_operands_"] = (key, rat, bt)
+        return cached[1], cached[2]
+
+    def kernel_weight(self):
+        """The base weight as the kernels read it: an NF4Weight view (kept while the storage is
+        the same), or the dense tensor."""
+        if not self.is_quantized:
+            return self.base_layer.weight
+        if torch.compiler.is_compiling():
+            return nf4_of(self.base_layer)
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), id(weight.quant_state))
+        cached = self.__dict__.get("_nf4_view_")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_nf4_view_"] = (key, nf4_of(self.base_layer))
+        return cached[1]
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + U diag(S) R Vh x`` by the path the router plans for this call."""
         compute_dtype, out_dtype = self._dtypes(x)
-        if self.merged:
+        if x.shape[-1] != self.base_layer.in_features:
+            raise ValueError(f"{self._label()}: expects inputs with in_features="
+                             f"{self.base_layer.in_features} in the last dimension, got an input "
+                             f"of shape {tuple(x.shape)}")
+        plan = router.plan(self, x, compute_dtype, out_dtype)
+        if plan.path == "torch":
+            base = self._base_forward(x, compute_dtype)
+            if plan.split16 or torch.compiler.is_compiling():
+                return add_adapter(base, x, self.adapter_factors(), out_dtype,
+                                   split16=plan.split16)
+            acc = acc_dtype(x.dtype)
+            gp = self.global_params_ref
+            if torch.is_grad_enabled() and (gp.global_v.requires_grad or x.requires_grad
+                                            or base.requires_grad):
+                return layer_adapter(base, x, gp.compute_view(self.P.device),
+                                     self._constants(acc), self.projection, out_dtype)
+            return add_adapter_inference(base, x, *self._inference_operands(acc), out_dtype)
+        if plan.path == "merged":
             return self._base_forward(x, compute_dtype).to(out_dtype)
-        if backend.select(x, self._kernel_weight, compute_dtype) == "triton":
-            from .ops.autograd import fused_tinylora_linear
+        self._check_storage()
+        if plan.path == "fused" and "_group_" in self.__dict__ and not (
+                torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            out = self._grouped_forward(x, plan)
+            if out is not None:
+                return out
+        from .ops.custom_ops import fused_tinylora_linear
 
-            return fused_tinylora_linear(x.to(compute_dtype), self._kernel_weight(),
-                                         self.base_layer.bias, self.adapter_factors(), out_dtype)
-        return add_adapter(self._base_forward(x, compute_dtype), x, self.adapter_factors(),
-                           out_dtype)
+        return fused_tinylora_linear(x.to(compute_dtype), self.kernel_weight(),
+                                     self.base_layer.bias, self.adapter_factors(), out_dtype,
+                                     plan.path, plan.config)
 
-    def _kernel_weight(self):
-        """The base weight as the kernels read it: an NF4Weight view, or the dense tensor."""
-        return nf4_of(self.base_layer) if self.is_quantized else self.base_layer.weight
+    def _grouped_forward(self, x: torch.Tensor, plan):
+        """q/k/v (gate/up) of one input in one launch, without autograd; None when not possible.
+
+        The first member launches for the whole group and leaves each sibling its output, tagged
+        with the input tensor itself (identity and version) and the sibling's constants; a sibling
+        called with that same input takes it, anything else computes afresh. Holding the input
+        keeps its memory from being reused by another tensor meanwhile.
+        """
+        group = self.__dict__["_group_"]
+        stash = self.__dict__.pop("_stash_", None)
+        if stash is not None:
+            x_ref, version, key, out = stash
+            v = self.global_params_ref.compute_view(self.P.device)
+            if x_ref is x and version == x._version and key == self._constants_key(v):
+                return out
+        if group[0] is not self:
+            return None
+        members = []
+        for m in group:
+            p = router.plan(m, x, *m._dtypes(x))
+            if p != plan:
+                return None
+            m._check_storage()
+            members.append(m)
+        from .ops.fused_linear import fused_linear_group
+
+        outs = fused_linear_group(
+            x.to(plan.compute_dtype),
+            [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in members],
+            out_dtype=plan.out_dtype, config=plan.config)
+        for m, out in zip(members[1:], outs[1:]):
+            v = m.global_params_ref.compute_view(m.P.device)
+            m.__dict__["_stash_"] = (x, x._version, m._constants_key(v), out)
+        return outs[0]
+
+    def _label(self) -> str:
+        name = getattr(self, "layer_name", None)
+        return f"TinyLoRALinear {name!r}" if name else "TinyLoRALinear"
 
     def _dtypes(self, x: torch.Tensor):
         """(dtype the base product is computed in, dtype of the output) for input x."""
+        if not x.is_floating_point():
+            raise TypeError(f"{self._label()}: inputs must be floating point, got {x.dtype} "
+                            f"(token ids go through the embedding first)")
         layer = self.base_layer
         if self.is_quantized:
             return linear4bit_compute_dtype(layer, x), x.dtype
@@ -289,10 +409,25 @@ class TinyLoRALinear(nn.Module):
         after the adapter is added). A dense base given another dtype than its weight computes
         in the weight's dtype, where ``nn.Linear`` itself would raise."""
         if self.is_quantized:
-            return _linear4bit_forward(self.base_layer, x)
+            self._check_storage()
+            return linear4bit_forward(self.base_layer, x, compute_dtype)
         return self.base_layer(x.to(compute_dtype))
 
-    # -- dtype conversions keep the bf16 buffers -----------------------------------------------
+    def _check_storage(self):
+        """Restore the NF4 layout when bitsandbytes repacked the base weight in place since the
+        last call (an eval-mode CPU forward of the base layer itself); one warning per model."""
+        if self.is_quantized and is_cpu_packed(self.base_layer):
+            restore_canonical_layout(self.base_layer)
+            self.scales_rounded_bf16 = True
+            gp = self.global_params_ref
+            if not getattr(gp, "_warned_repacked", False):
+                object.__setattr__(gp, "_warned_repacked", True)
+                log.warning("bitsandbytes had repacked the 4-bit weight of %s (and maybe of other "
+                            "layers of this model) in place, by an eval-mode CPU forward of the "
+                            "base layer; restored the NF4 layout (the block scales stay rounded "
+                            "to bf16, as that forward left them)", self._label())
+
+    # -- dtype and device conversions keep the bf16 buffers; they invalidate the caches ---------
     def _apply(self, fn, recurse=True):
         own = {name: buf for name, buf in self._buffers.items() if buf is not None}
         super()._apply(fn, recurse)
@@ -301,6 +436,9 @@ class TinyLoRALinear(nn.Module):
             if new.dtype != old.dtype:
                 # a dtype cast (.half(), .float(), .to(dtype)): keep the values, follow the device
                 self._buffers[name] = old.to(new.device)
+        for cache in ("_plans_", "_m_edges_", "_factors_", "_operands_", "_nf4_view_", "_stash_",
+                      "_consts_"):
+            self.__dict__.pop(cache, None)
         return self
 
     def extra_repr(self) -> str:
@@ -308,39 +446,15 @@ class TinyLoRALinear(nn.Module):
                 f"quantized={self.is_quantized}")
 
 
-def linear4bit_compute_dtype(layer, x: torch.Tensor) -> torch.dtype:
-    """The dtype a ``Linear4bit`` computes in for x, with bitsandbytes' own (stateful) rule.
-
-    A layer built without a compute dtype adopts the first input's dtype (fp32/bf16) for good.
-    """
-    if not getattr(layer, "compute_type_is_set", True):
-        layer.set_compute_type(x)
-        layer.compute_type_is_set = True
-    return layer.compute_dtype or x.dtype
-
-
-def _linear4bit_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """What ``Linear4bit.forward`` computes, minus its CPU traps.
-
-    bitsandbytes' own forward, on CPUs with AVX512-BF16 and in eval mode, repacks the weight in
-    place into a layout only its CPU kernel reads, dies with SIGFPE on 0-row inputs and fails on
-    K % 64 != 0 there. Here the same arithmetic runs on the canonical layout: bitsandbytes'
-    stateful compute-dtype choice, x cast to it, ``bnb.matmul_4bit`` (decode + matmul, the
-    decode repeated in backward rather than kept). The result stays in the compute dtype: the
-    caller adds the adapter and rounds once to x's dtype, the layer's output dtype.
-    """
-    import bitsandbytes as bnb
-
-    compute_dtype = linear4bit_compute_dtype(layer, x)
-    bias = None if layer.bias is None else layer.bias.to(compute_dtype)
-    xc = x.to(compute_dtype)
-    if xc.shape[:-1].numel() == 0:
-        out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
-        return out if bias is None else out + bias
-    qs = layer.weight.quant_state
-    if qs is None or getattr(qs, "packing_format_for_cpu", False) or qs.quant_type != "nf4":
-        nf4_of(layer)  # raises, naming what is wrong with the storage
-    return bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+def _restore_layout(layer) -> bool:
+    """Undo bitsandbytes' in-place CPU repacking of a 4-bit base about to be wrapped; True when
+    it had happened."""
+    if is_linear4bit(layer) and restore_canonical_layout(layer):
+        log.warning("the 4-bit weight had been repacked in place by bitsandbytes' CPU "
+                    "inference path; restored the NF4 layout (its block scales stay rounded "
+                    "to bf16, as that path left them; checkpoints record it)")
+        return True
+    return False
 
 
 # -- apply ---------------------------------------------------------------------------------------
@@ -372,8 +486,13 @@ def tiny_lora_layers(model: nn.Module) -> List[Tuple[str, TinyLoRALinear]]:
 
 def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, rank: int = 2, *,
                     projection: str = "full", svd: str = "cpu", rng_seed: Optional[int] = None,
-                    factor_cache=None, progress: bool = True) -> int:
+                    factor_cache=None, progress: bool = True, freeze: bool = True) -> int:
     """Replace every target linear of ``model`` by a :class:`TinyLoRALinear`; return how many.
+
+    With ``freeze`` (default) the model is frozen afterwards except v: an optimizer over the
+    parameters that require grad trains exactly ``global_params_ref.global_v`` (as the users'
+    program and PEFT's ``get_peft_model`` leave it). ``freeze=False`` leaves the other parameters'
+    ``requires_grad`` as they were (the adapted layers' bases are frozen either way).
 
     ``global_params_ref`` is attached as ``model.tiny_lora_params`` first. P is drawn per layer in
     replacement order from the global RNG (call ``torch.manual_seed(seed)`` right before, as the
@@ -388,37 +507,84 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
                         f"{type(global_params_ref).__name__}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    backend.from_environment()              # a bad TINYLORA_BACKEND is reported here, not later
     attached = getattr(model, "tiny_lora_params", None)
     if attached is not None and attached is not global_params_ref:
         raise ValueError("model.tiny_lora_params already holds another TinyLoRAGlobalParams; "
                          "one model shares one v")
     targets = find_targets(model)
     if not targets:
+        adapted = tiny_lora_layers(model)
+        if adapted:
+            raise ValueError(f"this model is already adapted: it holds {len(adapted)} "
+                             f"TinyLoRALinear layers (e.g. {adapted[0][0]!r}); apply_tiny_lora "
+                             "adapts a model once (load a fresh model to start over)")
         log.warning("apply_tiny_lora found no layer named %s to replace", "/".join(TARGET_SUFFIXES))
     if factor_cache is not None and not isinstance(factor_cache, FactorCache):
         factor_cache = FactorCache(factor_cache)
     seed = torch.initial_seed() if rng_seed is None else rng_seed
     fresh = rng_seed is not None or _global_rng_is_fresh(targets, seed)
+    names = {id(m): n for n, m in model.named_modules()}
 
     from tqdm.auto import tqdm
 
+    # building a layer freezes its base; a failure part-way must leave the model as it was
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     built = []
-    for index, (parent, name, child) in enumerate(
-            tqdm(targets, desc="TinyLoRA: SVD of base weights", unit="layer",
-                 disable=not progress or not targets)):
-        gen = None
-        if rng_seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(rng_seed + index)
-        layer = TinyLoRALinear(child, rank, None, global_params_ref, projection=projection,
-                               svd=svd, factor_cache=factor_cache, generator=gen)
-        layer.p_seed = seed if fresh else None
-        built.append((parent, name, layer))
+    try:
+        for index, (parent, name, child) in enumerate(
+                tqdm(targets, desc="TinyLoRA: SVD of base weights", unit="layer",
+                     disable=not progress or not targets)):
+            gen = None
+            if rng_seed is not None:
+                gen = torch.Generator(device="cpu").manual_seed(rng_seed + index)
+            layer = TinyLoRALinear(child, rank, None, global_params_ref, projection=projection,
+                                   svd=svd, factor_cache=factor_cache, generator=gen)
+            layer.p_seed = seed if fresh else None
+            layer.layer_name = names.get(id(child))
+            built.append((parent, name, layer))
+    except BaseException:
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+        raise
 
     if attached is None:
         model.tiny_lora_params = global_params_ref
     for parent, name, layer in built:
         setattr(parent, name, layer)
+    _link_groups(built)
+    if freeze:
+        model.requires_grad_(False)
+        global_params_ref.global_v.requires_grad_(True)
     return len(built)
+
+
+#: Projections that read the same input, launched together on the fused kernel path.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _link_groups(built):
+    """Mark q/k/v and gate/up siblings whose weights one grouped launch can read together."""
+    by_parent = {}
+    for parent, name, layer in built:
+        by_parent.setdefault(id(parent), {})[name] = layer
+    for siblings in by_parent.values():
+        for names in SHARED_INPUT_GROUPS:
+            members = [siblings.get(n) for n in names]
+            if all(m is not None for m in members) and _groupable(members):
+                for m in members:
+                    m.__dict__["_group_"] = tuple(members)
+
+
+def _groupable(members) -> bool:
+    """Same storage kind (NF4 with one double-quant setting, or dense of one dtype), same K,
+    bias on all or none, same rank."""
+    def kind(m):
+        w = m.base_layer.weight
+        return (m.is_quantized, getattr(getattr(w, "quant_state", None), "nested", None),
+                None if m.is_quantized else w.dtype, m.base_layer.in_features,
+                m.base_layer.bias is None, m.rank)
+    return len({kind(m) for m in members}) == 1
 
 
 def _global_rng_is_fresh(targets, seed: int) -> bool:

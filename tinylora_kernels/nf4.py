@@ -93,7 +93,7 @@ class NF4Weight:
                 "this weight is in bitsandbytes' CPU-specific packed layout "
                 "(quant_state.packing_format_for_cpu=True), written in place by an eval-mode CPU "
                 "forward of Linear4bit; it is not the NF4 layout. Undo it with "
-                "tinylora_kernels.nf4.restore_canonical_layout(layer) first.")
+                "tinylora_kernels.bnb.restore_canonical_layout(layer) first.")
         if len(qs.shape) != 2:
             raise ValueError(f"expected a 2-D quantized weight, quant_state.shape={tuple(qs.shape)}")
         n, k = (int(s) for s in qs.shape)
@@ -150,20 +150,9 @@ def dequantize_nf4(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
     return values.reshape(-1)[:numel].view(n, k).to(dtype)
 
 
-def restore_canonical_layout(layer) -> bool:
-    """Undo bitsandbytes' in-place CPU repacking of a ``Linear4bit``, if it happened.
-
-    bitsandbytes (0.50, CPUs with AVX512-BF16) rewrites ``weight.data`` into a CPU-specific layout
-    at the first eval-mode forward. It undoes this itself before moving a layer to a GPU or saving
-    it; this does the same so that the NF4 layout holds again. The block scales stay rounded to
-    bf16 (that rounding is what the layer computes with from then on). Returns True when the
-    layout was restored.
-    """
-    weight = layer.weight
-    qs = getattr(weight, "quant_state", None)
-    if qs is None or not getattr(qs, "packing_format_for_cpu", False):
-        return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
-    return True
+def __getattr__(name):
+    # the bitsandbytes glue lives in tinylora_kernels.bnb; this name stays importable from here
+    if name == "restore_canonical_layout":
+        from .bnb import restore_canonical_layout
+        return restore_canonical_layout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .reference import tinylora_f64
+
 __all__ = ["tiny_qwen2_config", "tiny_qwen2", "tinylora_f64", "reference_error_budget",
            "layer_truth_and_lowp"]
 
@@ -68,27 +70,6 @@ def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
                                                     dtype=dtype)
 
 
-def tinylora_f64(x: torch.Tensor, W: torch.Tensor, U: torch.Tensor, S: torch.Tensor,
-                 Vh: torch.Tensor, P: torch.Tensor, v: torch.Tensor, projection: str,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The TinyLoRA layer evaluated in float64 from its stored values, ΔW formed explicitly.
-
-    ``y = x W^T + x (U diag(S) R Vh)^T + b`` with R = Σ v_i P_i (full) or diag(v P) (diagonal).
-    Deliberately written the other way round from the factorized paths it judges.
-    """
-    d = torch.float64
-    x, W, U, Vh, P, v = (t.detach().to(d) for t in (x, W, U, Vh, P, v))
-    S = S.detach().to(d)
-    S = S if S.dim() == 2 else torch.diag(S)
-    if projection == "full":
-        R = (v[:, None, None] * P).sum(0)
-    else:
-        R = torch.diag((v[:, None] * P).sum(0))
-    delta_w = U @ S @ R @ Vh
-    y = x @ (W + delta_w).T
-    return y if bias is None else y + bias.detach().to(d)
-
-
 def reference_error_budget(y_test: torch.Tensor, y_lowp: torch.Tensor, y_f64: torch.Tensor,
                            atol: float = 1e-5) -> tuple:
     """(error of y_test, allowed error) under the 2x-torch rule.
@@ -108,8 +89,7 @@ def layer_truth_and_lowp(layer, x: torch.Tensor):
     low-precision result is the users' formula, ΔW formed, in the dtype the base layer computes
     in for this x (bitsandbytes' compute dtype for a 4-bit base), rounded to the output dtype.
     """
-    from .factors import is_linear4bit, nf4_of
-    from .layers import linear4bit_compute_dtype
+    from .bnb import is_linear4bit, linear4bit_compute_dtype, nf4_of
     from .nf4 import dequantize_nf4
 
     base = layer.base_layer

@@ -1,9 +1,11 @@
-"""The fused TinyLoRA linear as torch ops: ``tinylora::fused_linear`` and ``tinylora::fused_grad_x``.
+"""The kernel paths as torch ops: ``tinylora::fused_linear`` and ``tinylora::fused_grad_x``.
 
 Both are ``torch.library`` custom ops with fake (shape) implementations, and ``fused_linear``
 carries its backward (derivation in :func:`_fused_linear_backward`), so eager autograd and
-``torch.compile(fullgraph=True)`` see single opaque nodes. Plain inference calls the launcher
-directly: no dispatcher, no graph.
+``torch.compile(fullgraph=True)`` see single opaque nodes. Each takes the ``path`` the router
+planned: ``"fused"`` (the fused kernels, :mod:`.fused_linear` and :mod:`.grad_x`) or
+``"large_m"`` (decode + cuBLAS, :mod:`.large_m`); the backward follows its forward's path.
+Plain inference calls the launcher directly: no dispatcher, no graph.
 
 A custom op takes tensors and plain values only, so an :class:`NF4Weight` travels as its tensors
 (``packed, absmax, code[, absmax2, code2, offset]``), its sizes as ints and its decode dtype.
@@ -17,10 +19,33 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..nf4 import NF4Weight
-from ..reference import AdapterFactors
-from .fused_linear import tinylora_grad_x, tinylora_linear
+from ..torch_path import AdapterFactors
+from .fused_linear import launch_fused_linear
+from .grad_x import fused_grad_x
+from .large_m import dequant_cublas_grad_x, dequant_cublas_linear
 
-__all__ = ["fused_tinylora_linear", "pack_weight", "unpack_weight"]
+__all__ = ["KERNEL_PATHS", "fused_tinylora_linear", "kernel_forward", "kernel_grad_x",
+           "pack_weight", "unpack_weight"]
+
+#: The kernel paths a plan can name.
+KERNEL_PATHS = ("fused", "large_m")
+
+
+def kernel_forward(path: str, x, weight, bias, factors, *, out_dtype, store_ax=False,
+                   config=None):
+    """``x Wᵀ + B (R (A x)) + bias`` by the kernel path ``path`` (no checks: planned calls)."""
+    if path == "large_m":
+        return dequant_cublas_linear(x, weight, bias, factors, out_dtype=out_dtype,
+                                     store_ax=store_ax)
+    return launch_fused_linear(x, weight, bias, factors, out_dtype=out_dtype, store_ax=store_ax,
+                               config=config)
+
+
+def kernel_grad_x(path: str, g, weight, factors, *, x_dtype):
+    """``(g W + ((g B) R) A, g B)`` by the kernel path ``path``."""
+    if path == "large_m":
+        return dequant_cublas_grad_x(g, weight, factors, x_dtype=x_dtype)
+    return fused_grad_x(g, weight, factors, x_dtype=x_dtype, store_gb=True)
 
 
 def pack_weight(weight) -> Tuple[List[torch.Tensor], List[int], torch.dtype]:
@@ -53,15 +78,15 @@ def _weight_shape(tensors, meta):
 @torch.library.custom_op(
     "tinylora::fused_linear", mutates_args=(),
     schema="(Tensor x, Tensor[] weight, int[] weight_meta, ScalarType weight_dtype, Tensor? bias, "
-           "Tensor A, Tensor B, Tensor R, ScalarType out_dtype) -> (Tensor, Tensor)")
-def _fused_linear_op(x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype):
-    """``(x Wᵀ + B (R (A x)) + bias, A x)`` by the kernels (path chosen by size)."""
-    return tinylora_linear(x, unpack_weight(weight, weight_meta, weight_dtype), bias,
-                           AdapterFactors(A=A, B=B, R=R), out_dtype=out_dtype, store_ax=True)
+           "Tensor A, Tensor B, Tensor R, ScalarType out_dtype, str path) -> (Tensor, Tensor)")
+def _fused_linear_op(x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype, path):
+    """``(x Wᵀ + B (R (A x)) + bias, A x)`` by the kernel path ``path``."""
+    return kernel_forward(path, x, unpack_weight(weight, weight_meta, weight_dtype), bias,
+                          AdapterFactors(A=A, B=B, R=R), out_dtype=out_dtype, store_ax=True)
 
 
 @_fused_linear_op.register_fake
-def _fused_linear_fake(x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype):
+def _fused_linear_fake(x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype, path):
     n, _ = _weight_shape(weight, weight_meta)
     rows = math.prod(x.shape[:-1])
     return (x.new_empty((*x.shape[:-1], n), dtype=out_dtype),
@@ -69,11 +94,11 @@ def _fused_linear_fake(x, weight, weight_meta, weight_dtype, bias, A, B, R, out_
 
 
 def _fused_linear_setup(ctx, inputs, output):
-    x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype = inputs
+    x, weight, weight_meta, weight_dtype, bias, A, B, R, out_dtype, path = inputs
     ax = output[1]
     ctx.mark_non_differentiable(ax)
     ctx.save_for_backward(ax, A, B, R, *weight)
-    ctx.meta = (list(weight_meta), weight_dtype, x.dtype, x.shape)
+    ctx.meta = (list(weight_meta), weight_dtype, x.dtype, x.shape, path)
 
 
 def _fused_linear_backward(ctx, g, _g_ax):
@@ -95,7 +120,7 @@ def _fused_linear_backward(ctx, g, _g_ax):
     d R is formed from g itself, not from the rounded g the kernel reads.
     """
     ax, A, B, R, *weight = ctx.saved_tensors
-    weight_meta, weight_dtype, x_dtype, x_shape = ctx.meta
+    weight_meta, weight_dtype, x_dtype, x_shape, path = ctx.meta
     need = ctx.needs_input_grad
     grad_x = grad_r = grad_bias = None
     # g wider than the compute dtype (fp32 activations, fp16 product): the kernel reads g
@@ -103,7 +128,7 @@ def _fused_linear_backward(ctx, g, _g_ax):
     wide_g = g.dtype.itemsize > x_dtype.itemsize
     if need[0]:
         grad_x, gb = torch.ops.tinylora.fused_grad_x(g.to(x_dtype), weight, weight_meta,
-                                                     weight_dtype, A, B, R, x_dtype)
+                                                     weight_dtype, A, B, R, x_dtype, path)
         grad_x = grad_x.view(x_shape)
     if need[7] and (wide_g or not need[0]):
         gb = g.reshape(-1, g.shape[-1]).float() @ B.float()
@@ -112,7 +137,7 @@ def _fused_linear_backward(ctx, g, _g_ax):
     if need[4]:
         grad_bias = g.reshape(-1, g.shape[-1]).float().sum(0).to(g.dtype)
     # the weight is a tensor list: its (absent) gradients are a list of the same length
-    return grad_x, [None] * len(weight), None, None, grad_bias, None, None, grad_r, None
+    return grad_x, [None] * len(weight), None, None, grad_bias, None, None, grad_r, None, None
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
@@ -122,15 +147,15 @@ _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_
 @torch.library.custom_op(
     "tinylora::fused_grad_x", mutates_args=(),
     schema="(Tensor g, Tensor[] weight, int[] weight_meta, ScalarType weight_dtype, Tensor A, "
-           "Tensor B, Tensor R, ScalarType x_dtype) -> (Tensor, Tensor)")
-def _fused_grad_x_op(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype):
-    """``(g W + ((g B) R) A, g B)``: one kernel, or decode + cuBLAS at large M."""
-    return tinylora_grad_x(g, unpack_weight(weight, weight_meta, weight_dtype),
-                           AdapterFactors(A=A, B=B, R=R), x_dtype=x_dtype)
+           "Tensor B, Tensor R, ScalarType x_dtype, str path) -> (Tensor, Tensor)")
+def _fused_grad_x_op(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype, path):
+    """``(g W + ((g B) R) A, g B)`` by the kernel path ``path``."""
+    return kernel_grad_x(path, g, unpack_weight(weight, weight_meta, weight_dtype),
+                         AdapterFactors(A=A, B=B, R=R), x_dtype=x_dtype)
 
 
 @_fused_grad_x_op.register_fake
-def _fused_grad_x_fake(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype):
+def _fused_grad_x_fake(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype, path):
     _, k = _weight_shape(weight, weight_meta)
     rows = math.prod(g.shape[:-1])
     return (g.new_empty((*g.shape[:-1], k), dtype=x_dtype),
@@ -138,10 +163,10 @@ def _fused_grad_x_fake(g, weight, weight_meta, weight_dtype, A, B, R, x_dtype):
 
 
 def _fused_grad_x_setup(ctx, inputs, output):
-    g, weight, weight_meta, weight_dtype, A, B, R, x_dtype = inputs
+    g, weight, weight_meta, weight_dtype, A, B, R, x_dtype, path = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1], A, B, R, *weight)
-    ctx.meta = (list(weight_meta), weight_dtype, g.dtype)
+    ctx.meta = (list(weight_meta), weight_dtype, g.dtype, path)
 
 
 def _fused_grad_x_backward(ctx, h, _h_gb):
@@ -149,31 +174,33 @@ def _fused_grad_x_backward(ctx, h, _h_gb):
     (M, K): d g = h Wᵀ + ((h Aᵀ) Rᵀ) Bᵀ, which is the forward op applied to h, and
     d R = (g B)ᵀ (h Aᵀ)."""
     gb, A, B, R, *weight = ctx.saved_tensors
-    weight_meta, weight_dtype, g_dtype = ctx.meta
+    weight_meta, weight_dtype, g_dtype, path = ctx.meta
     need = ctx.needs_input_grad
     grad_g = grad_r = None
     if need[0]:
         grad_g = torch.ops.tinylora.fused_linear(h.to(g_dtype), weight, weight_meta, weight_dtype,
-                                                 None, A, B, R, g_dtype)[0]
+                                                 None, A, B, R, g_dtype, path)[0]
     if need[6]:
         ha = h.reshape(-1, h.shape[-1]).float() @ A.float().t()          # (M, r)
         grad_r = (gb.t() @ ha).to(R.dtype)
-    return grad_g, [None] * len(weight), None, None, None, None, grad_r, None
+    return grad_g, [None] * len(weight), None, None, None, None, grad_r, None, None
 
 
 _fused_grad_x_op.register_autograd(_fused_grad_x_backward, setup_context=_fused_grad_x_setup)
 
 
 def fused_tinylora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
-                          factors: AdapterFactors, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x Wᵀ + B (R (A x)) + bias`` by the fused kernel, differentiable in x, R (so v) and bias."""
+                          factors: AdapterFactors, out_dtype: torch.dtype, path: str = "fused",
+                          config=None) -> torch.Tensor:
+    """``x Wᵀ + B (R (A x)) + bias`` by the kernel path ``path``, differentiable in x, R (so v)
+    and bias. ``config``: the fused kernel's tile config (the router's plan; default: by size)."""
     if factors.A.requires_grad or factors.B.requires_grad:
         raise ValueError("the fused kernel differentiates x, R (so v) and the bias; A and B must "
                          "be frozen (use the reference backend to train them)")
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, factors.R, bias))
     if not needs_graph and not torch.compiler.is_compiling():
-        return tinylora_linear(x, weight, bias, factors, out_dtype=out_dtype)
+        return kernel_forward(path, x, weight, bias, factors, out_dtype=out_dtype, config=config)
     tensors, meta, dtype = pack_weight(weight)
     return _fused_linear_op(x, tensors, meta, dtype, bias, factors.A, factors.B, factors.R,
-                            out_dtype)[0]
+                            out_dtype, path)[0]

@@ -1,0 +1,133 @@
+"""Everything that touches bitsandbytes' ``Linear4bit``: recognise it, read its storage, run it.
+
+bitsandbytes (0.50) has three CPU pitfalls this module steps around, so that no other module needs
+to know them:
+
+* an eval-mode forward on CPUs with AVX512-BF16 repacks the weight IN PLACE into a CPU-only layout
+  (and rounds the block scales to bf16); :func:`restore_canonical_layout` undoes the layout;
+* its CPU decode is wrong when K is not a multiple of the NF4 block size (64): the base product
+  then uses this package's own decode (:func:`tinylora_kernels.nf4.dequantize_nf4`), which is
+  bit-identical to bitsandbytes' where bitsandbytes is right;
+* 0-row inputs crash its CPU kernel (SIGFPE): they are answered without calling it.
+
+``import bitsandbytes`` happens only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight, dequantize_nf4
+
+__all__ = ["is_linear4bit", "nf4_of", "linear4bit_compute_dtype", "linear4bit_forward",
+           "restore_canonical_layout", "is_cpu_packed"]
+
+
+def is_linear4bit(layer) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (checked without importing bitsandbytes)."""
+    return hasattr(getattr(layer, "weight", None), "quant_state") or any(
+        c.__name__ == "Linear4bit" for c in type(layer).__mro__)
+
+
+def nf4_of(layer) -> NF4Weight:
+    """The :class:`NF4Weight` view of a ``Linear4bit``'s storage (views, no copy)."""
+    return NF4Weight.from_bnb(layer.weight)
+
+
+def is_cpu_packed(layer) -> bool:
+    """Whether bitsandbytes repacked this layer's weight into its CPU-only layout."""
+    qs = getattr(layer.weight, "quant_state", None)
+    return qs is not None and bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def restore_canonical_layout(layer) -> bool:
+    """Undo bitsandbytes' in-place CPU repacking of a ``Linear4bit``, if it happened.
+
+    bitsandbytes (0.50, CPUs with AVX512-BF16) rewrites ``weight.data`` into a CPU-specific layout
+    at the first eval-mode forward. It undoes this itself before moving a layer to a GPU or saving
+    it; this does the same so that the NF4 layout holds again. The block scales stay rounded to
+    bf16 (that rounding is what the layer computes with from then on). Returns True when the
+    layout was restored.
+    """
+    if not is_cpu_packed(layer):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = layer.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+        weight.data, weight.quant_state)
+    return True
+
+
+def linear4bit_compute_dtype(layer, x: torch.Tensor) -> torch.dtype:
+    """The dtype a ``Linear4bit`` computes in for x, with bitsandbytes' own (stateful) rule.
+
+    A layer built without a compute dtype adopts the first input's dtype (fp32/bf16) for good.
+    """
+    if not getattr(layer, "compute_type_is_set", True):
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    return layer.compute_dtype or x.dtype
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ dequant(W).T + bias`` with this package's decode, decoded again in backward.
+
+    Used where bitsandbytes' own decode is wrong (CPU, K not a multiple of the block size).
+    Saving the decoded W (N x K) would cost more memory than the quantized model; decoding twice
+    is what bitsandbytes does too. Only x (and a trainable bias) get gradients: W is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Weight, bias):
+        ctx.w = w
+        return F.linear(x, dequantize_nf4(w, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(ctx.w, grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """What ``Linear4bit.forward`` computes, minus its CPU traps; the result in ``compute_dtype``.
+
+    The same arithmetic as bitsandbytes' own forward on the canonical NF4 layout: x cast to the
+    compute dtype, ``bnb.matmul_4bit`` (decode + matmul, the decode repeated in backward rather
+    than kept). The result stays in the compute dtype: the caller adds the adapter and rounds once.
+    """
+    bias = None if layer.bias is None else layer.bias.to(compute_dtype)
+    xc = x.to(compute_dtype)
+    weight = layer.weight
+    qs = weight.quant_state
+    if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
+        nf4_of(layer)            # raises, naming what is wrong with the storage
+    if xc.shape[:-1].numel() == 0:
+        out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
+        return out if bias is None else out + bias
+    if xc.device.type == "cpu" and layer.in_features % qs.blocksize:
+        return _NF4Linear.apply(xc, nf4_of(layer), bias)
+    import bitsandbytes as bnb
+
+    # bitsandbytes >= 0.50 takes the packed weight as stored (its own layer passes it so);
+    # earlier versions expect it transposed
+    return bnb.matmul_4bit(xc, weight if _takes_weight_as_stored() else weight.t(), bias=bias,
+                           quant_state=qs)
+
+
+@lru_cache(maxsize=None)
+def _takes_weight_as_stored() -> bool:
+    import bitsandbytes as bnb
+
+    try:
+        major, minor = (int(p) for p in bnb.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (0, 50)

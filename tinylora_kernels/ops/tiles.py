@@ -1,0 +1,119 @@
+"""The Triton helpers every kernel shares: the one NF4 tile decode, the weight tile, and the host
+side packing of a weight and an adapter into kernel arguments."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..nf4 import NF4Weight
+
+
+@triton.jit
+def nf4_levels(code_ptr):
+    """The 16 NF4 levels as 16 scalars, loaded once per program (they then live in registers)."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2),
+            tl.load(code_ptr + 3), tl.load(code_ptr + 4), tl.load(code_ptr + 5),
+            tl.load(code_ptr + 6), tl.load(code_ptr + 7), tl.load(code_ptr + 8),
+            tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14),
+            tl.load(code_ptr + 15))
+
+
+@triton.jit
+def nf4_lookup(c, levels):
+    """levels[c] for a tensor of 4-bit codes, by a 4-level select tree on the code's bits.
+
+    No memory access: a gather from a table in memory depends on the loaded byte and so cannot
+    be software-pipelined, which stalls every K step on a second load latency.
+    """
+    (l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15) = levels
+    b0 = (c & 1) != 0
+    b1 = (c & 2) != 0
+    b2 = (c & 4) != 0
+    b3 = (c & 8) != 0
+    p0 = tl.where(b1, tl.where(b0, l3, l2), tl.where(b0, l1, l0))
+    p1 = tl.where(b1, tl.where(b0, l7, l6), tl.where(b0, l5, l4))
+    p2 = tl.where(b1, tl.where(b0, l11, l10), tl.where(b0, l9, l8))
+    p3 = tl.where(b1, tl.where(b0, l15, l14), tl.where(b0, l13, l12))
+    return tl.where(b3, tl.where(b2, p3, p2), tl.where(b2, p1, p0))
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
+             rn, k0, N, K, KH,
+              BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+              DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr = False):
+    """Decode the NF4 weight tile W[rn, k0:k0+BK] as two (BN, BK/2) fp32 halves.
+
+    Element e = n*K + k sits in byte e // 2: the high nibble holds the even column, the low
+    nibble the odd one. Rather than interleave them (a register shuffle per tile), the tile is
+    returned as (even columns, odd columns) and the caller splits x the same way. BK is the NF4
+    block size and K a multiple of it, so the tile is one block per row: one scale per row.
+    Row n's bytes start at n * KH (KH = K / 2, passed so the compiler sees 16-byte alignment).
+    ``levels`` is the 16 levels as scalars (select tree), or with ``TABLE`` the pointer to the
+    16-entry table (one L1-resident gather per nibble).
+    """
+    rn64 = rn.to(tl.int64)                        # N*K passes 2**31 for the largest layers
+    mask_n = rn < N
+    rj = tl.arange(0, BK // 2)
+    byte = tl.load(packed_ptr + rn64[:, None] * KH + (k0 // 2 + rj)[None, :],
+                   mask=mask_n[:, None], other=0).to(tl.int32)
+    if TABLE:
+        even = tl.load(levels + (byte >> 4))
+        odd = tl.load(levels + (byte & 15))
+    else:
+        even = nf4_lookup(byte >> 4, levels)
+        odd = nf4_lookup(byte & 15, levels)
+    blk = rn64 * (K // BK) + k0 // BK
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
+        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask_n, other=0.0)
+        # multiply then add, separately rounded (the launch disables FMA contraction), as
+        # bitsandbytes decodes it
+        scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
+    return even * scale[:, None], odd * scale[:, None]
+
+
+@triton.jit
+def weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
+                rn, k0, ke, mask_n, mask_k, N, K, KH, stride_wn, stride_wk,
+                BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, TABLE: tl.constexpr = False):
+    """W[rn, k0:k0+BK] as (even columns, odd columns), from NF4 storage or a dense tensor."""
+    if IS_NF4:
+        w_even, w_odd = nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                 levels, rn, k0, N, K, KH, BN, BK, BLOCKSIZE2, DOUBLE_QUANT,
+                                 TABLE)
+    else:
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        w_even = tl.load(w_rows + ke[None, :] * stride_wk, mask=mask_w, other=0.0)
+        w_odd = tl.load(w_rows + (ke + 1)[None, :] * stride_wk, mask=mask_w, other=0.0)
+    return w_even, w_odd
+
+
+def nf4_pointer_args(weight: NF4Weight, dummy: torch.Tensor):
+    """(packed, absmax, absmax2, code2, offset, code) pointers; ``dummy`` where a tensor is absent."""
+    return (weight.packed, weight.absmax,
+            weight.absmax2 if weight.double_quant else dummy,
+            weight.code2 if weight.double_quant else dummy,
+            weight.offset if weight.double_quant else dummy, weight.code)
+
+
+def weight_args(weight, dummy):
+    """(6 weight pointers, (stride_wn, stride_wk)) for NF4 storage or a dense tensor."""
+    if isinstance(weight, NF4Weight):
+        return nf4_pointer_args(weight, dummy), (0, 0)
+    return (weight,) + (dummy,) * 5, weight.stride()
+
+
+def adapter_args(factors, dummy):
+    """(A, B fp32, R fp32, (stride_an, stride_ak)); placeholders without an adapter."""
+    if factors is None:
+        return dummy, dummy, dummy, (0, 0)
+    return (factors.A, factors.B.to(torch.float32).contiguous(),
+            factors.R.to(torch.float32).contiguous(), factors.A.stride())
