@@ -18,6 +18,8 @@ setup(
         "triton>=3.6",
         "transformers>=4.45",
         "bitsandbytes>=0.45",
+        # transformers needs it to load a 4-bit model (device_map), as `check` does
+        "accelerate",
         "tqdm",
     ],
     extras_require={

@@ -122,3 +122,37 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
             main(["bench", "--compare", str(tmp_path / bad), str(tmp_path / bad)])
     err = capsys.readouterr().err
     assert "not a result file" in err and "not a JSON result file" in err
+
+
+@needs_bnb
+def test_bench_writes_new_files_here_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--m", "1", "--layers", "k_proj", "--providers", "bnb_base,reference",
+            "--budget-s", "5"]
+    assert main(argv) == 0
+    assert main(argv + ["--name", "same"]) == 0
+    assert main(argv + ["--name", "same"]) == 0
+    captured = capsys.readouterr()
+    assert "tinylora bench" in captured.err                   # the progress bar
+    stems = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert len(stems) == 3 and "same" in stems and "same-2" in stems
+    assert stems[0].startswith("bench-cpu-")
+    md = (tmp_path / "same.md").read_text()
+    row = [line for line in md.splitlines() if line.startswith("| cpu-reduced | k_proj")][0]
+    med, lo, hi = (float(v) for v in
+                   __import__("re").search(r"\| ([\d.]+) \(([\d.]+)–([\d.]+)\) \|", row).groups())
+    assert lo <= med <= hi
+
+
+@needs_bnb
+def test_host_cost_measures_both_cases(tmp_path):
+    data = bench.host_cost(rounds=2, reps=5)
+    for case in ("no_grad", "fwd+bwd"):
+        row = data["results"][case]
+        assert row["bitsandbytes"]["min_us"] > 0 and row["reference"]["min_us"] > 0
+        assert row["reference_ratio"] == pytest.approx(
+            row["reference"]["min_us"] / row["bitsandbytes"]["min_us"])
+        assert row["reference_ops"] > row["bitsandbytes_ops"]
+        assert row["reference_plan"].startswith("torch")
+    paths = bench.write_host_cost(data, tmp_path, "h")
+    assert "no_grad" in paths[1].read_text() and json.loads(paths[0].read_text())["results"]

@@ -511,19 +511,23 @@ def _host_layer(n: int, k: int, device: str):
     return lin, layer, gp
 
 
-def _min_and_median(fn: Callable, rounds: int, reps: int, sync) -> dict:
-    for _ in range(max(10, reps // 10)):
-        fn()
-    sync()
-    per_call = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
+def _interleaved(fns: Dict[str, Callable], rounds: int, reps: int, sync) -> Dict[str, dict]:
+    """Per-call µs of each function, timed in interleaved rounds (a drifting machine then skews
+    every contender alike): minimum and median over rounds of the mean over ``reps`` calls."""
+    for fn in fns.values():
+        for _ in range(max(10, reps // 10)):
             fn()
-        sync()
-        per_call.append((time.perf_counter() - t0) / reps * 1e6)
-    return {"min_us": min(per_call), "median_us": statistics.median(per_call),
-            "rounds_us": per_call}
+    sync()
+    per_call = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            per_call[name].append((time.perf_counter() - t0) / reps * 1e6)
+    return {name: {"min_us": min(v), "median_us": statistics.median(v), "rounds_us": v}
+            for name, v in per_call.items()}
 
 
 def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
@@ -563,16 +567,17 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     results = {}
     for case, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
                              ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
-        row = {"bitsandbytes": _min_and_median(bare, rounds, reps, sync),
-               "bitsandbytes_ops": len(count_ops(bare))}
+        row = {"bitsandbytes_ops": len(count_ops(bare))}
         for name in backends:
             with backend_mod.use_backend(name):
-                row[name] = _min_and_median(ours, rounds, reps, sync)
+                timed = _interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
                 ops = count_ops(ours)
-                row[f"{name}_ops"] = len(ops)
-                row[f"{name}_op_list"] = ops
                 row[f"{name}_plan"] = str(router.explain(layer, x))
-            row[f"{name}_ratio"] = row[name]["min_us"] / row["bitsandbytes"]["min_us"]
+            row.setdefault("bitsandbytes", timed["bitsandbytes"])
+            row[name] = timed[name]
+            row[f"{name}_ops"] = len(ops)
+            row[f"{name}_op_list"] = ops
+            row[f"{name}_ratio"] = timed[name]["min_us"] / timed["bitsandbytes"]["min_us"]
         results[case] = row
     return {"what": f"per-call host cost, TinyLoRALinear vs bitsandbytes Linear4bit alone, "
                     f"{n} x {k}, M = 1, bf16, {device}",
