@@ -24,7 +24,10 @@ setup(
     ],
     extras_require={
         "bench": ["pytest-benchmark", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.19", "accelerate", "matplotlib"],
+        # TRL's GRPOTrainer (tested with 1.16.0) and the datasets it takes
+        "trl": ["trl>=1.16", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.19", "accelerate", "matplotlib",
+                 "trl>=1.16", "datasets"],
     },
     entry_points={"console_scripts": ["tinylora-kernels=tinylora_kernels.cli:main"]},
 )

@@ -318,3 +318,23 @@ def test_inference_reuses_factors_but_never_stale_ones(rng):
         other, _ = _adapt(make_linear(20, 24, seed=5), seed=5)
         layer.load_state_dict(other.state_dict())            # buffers replaced in place
         assert torch.equal(layer(x), fresh())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "adamw-fused"])
+def test_inference_after_an_optimizer_step_uses_the_new_v(fused, rng):
+    # fused optimizers write parameters without bumping their version counters
+    layer, gp = _adapt(make_linear(20, 24))
+    gp.global_v.data = gp.global_v.data.to(torch.bfloat16)     # as TRL leaves it for 4-bit models
+    x = torch.randn(3, 24, generator=rng)
+    with torch.no_grad():
+        before = layer(x)
+    opt = torch.optim.AdamW([gp.global_v], lr=0.5, fused=fused)
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+        layer.__dict__.pop("_operands_")
+        gp.__dict__.pop("_view_cache_")
+        fresh = layer(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh)

@@ -20,6 +20,14 @@ from .reference import AdapterFactors, adapter_delta, projection_matrix
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    # imported on first use: it imports transformers' Trainer machinery
+    if name == "TinyLoRACallback":
+        from .training import TinyLoRACallback
+        return TinyLoRACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _check_environment():
     """A bad ``TINYLORA_BACKEND`` is said at import (and raised by ``apply_tiny_lora``)."""
     import warnings
@@ -41,6 +49,7 @@ __all__ = [
     "NF4Weight",
     "TinyLoRACheckpoint",
     "TinyLoRAGlobalParams",
+    "TinyLoRACallback",
     "TinyLoRALinear",
     "adapter_delta",
     "apply_tiny_lora",

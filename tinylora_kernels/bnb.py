@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["is_linear4bit", "nf4_of", "linear4bit_compute_dtype", "linear4bit_forward",
-           "restore_canonical_layout", "is_cpu_packed"]
+           "restore_canonical_layout", "is_cpu_packed", "declare_adapter"]
 
 
 def is_linear4bit(layer) -> bool:
@@ -96,19 +96,27 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
+                       repacked=None) -> torch.Tensor:
     """What ``Linear4bit.forward`` computes, minus its CPU traps; the result in ``compute_dtype``.
 
     The same arithmetic as bitsandbytes' own forward on the canonical NF4 layout: x cast to the
     compute dtype, ``bnb.matmul_4bit`` (decode + matmul, the decode repeated in backward rather
     than kept). The result stays in the compute dtype: the caller adds the adapter and rounds once.
+    ``repacked``: called (no arguments) when the weight is found in bitsandbytes' CPU-only layout,
+    to restore it; without it that layout raises.
     """
     bias = None if layer.bias is None else layer.bias.to(compute_dtype)
     xc = x.to(compute_dtype)
     weight = layer.weight
     qs = weight.quant_state
     if qs is None or qs.quant_type != "nf4" or getattr(qs, "packing_format_for_cpu", False):
-        nf4_of(layer)            # raises, naming what is wrong with the storage
+        if repacked is not None and qs is not None and qs.packing_format_for_cpu:
+            repacked()
+            weight = layer.weight
+            qs = weight.quant_state
+        else:
+            nf4_of(layer)        # raises, naming what is wrong with the storage
     if xc.shape[:-1].numel() == 0:
         out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
         return out if bias is None else out + bias
@@ -131,3 +139,38 @@ def _takes_weight_as_stored() -> bool:
     except ValueError:
         return False
     return (major, minor) >= (0, 50)
+
+
+_QUANTIZER_CLASSES: dict = {}
+
+
+def _with_adapter(cls):
+    """``cls`` (a transformers ``HfQuantizer`` class) whose models may be trained: a subclass
+    saying ``is_qat_trainable``, the flag transformers' ``Trainer`` reads to accept a quantized
+    model that is not a PEFT model."""
+    sub = _QUANTIZER_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"{cls.__name__}WithTinyLoRA", (cls,), {
+            "is_qat_trainable": property(lambda self: True),
+            "__doc__": f"{cls.__name__} of a model that carries a trainable TinyLoRA adapter.",
+            "__module__": __name__,
+        })
+        _QUANTIZER_CLASSES[cls] = sub
+        globals()[sub.__name__] = sub          # picklable by name within this process
+    return sub
+
+
+def declare_adapter(model) -> bool:
+    """Tell transformers that a quantized ``model`` carries a trainable adapter (TinyLoRA's v).
+
+    Its ``Trainer`` refuses "purely quantized" models: those that are neither PEFT models nor
+    marked by transformers' own adapter integration nor quantized QAT-trainably. The users'
+    program set a private flag of that integration, which also changes how ``save_pretrained``
+    works; here the model's quantizer gets a subclass that reports the model trainable, and nothing
+    else. Returns True when the quantizer was changed (models without one are left alone).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer, "is_qat_trainable", True):
+        return False
+    quantizer.__class__ = _with_adapter(type(quantizer))
+    return True

@@ -13,10 +13,11 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backend, router
-from .bnb import (is_cpu_packed, is_linear4bit, linear4bit_compute_dtype, linear4bit_forward,
-                  nf4_of, restore_canonical_layout)
+from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
+                  linear4bit_forward, nf4_of, restore_canonical_layout)
 from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
                          LayerConstants, acc_dtype, layer_adapter, no_autocast, projection_matrix,
@@ -29,6 +30,26 @@ __all__ = ["TARGET_SUFFIXES", "TinyLoRAGlobalParams", "TinyLoRALinear", "apply_t
 
 #: Child names (suffixes) that ``apply_tiny_lora`` replaces, as in the users' program.
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: Counts optimizer steps, process-wide (torch.optim's global step hook). Fused optimizers update
+#: parameters without bumping their version counters, so every cache that depends on v keys on
+#: this too: an optimizer step always refreshes what was built from the old v.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def v_state(v: torch.Tensor) -> tuple:
+    """What identifies the current values of v: its storage, its version and the optimizer step
+    count. (A write through ``v.data`` changes none of them: assign through ``v.copy_`` under
+    ``torch.no_grad()``, as optimizers and ``load_tiny_lora`` do.)"""
+    return (v.data_ptr(), v._version, _OPTIMIZER_STEPS[0])
+
 
 #: Every buffer of a TinyLoRA layer is stored in bf16: the function the users trained is fixed by
 #: these bf16 values, so dtype conversions of the model (``.half()``, ``.float()``) leave them be.
@@ -63,7 +84,7 @@ class TinyLoRAGlobalParams(nn.Module):
         acc = acc_dtype(v.dtype)
         if torch.compiler.is_compiling():
             return v.to(device=device, dtype=acc)    # traced once per graph: no cache needed
-        key = (v.data_ptr(), v._version, torch.is_grad_enabled(), torch.device(device))
+        key = (*v_state(v), torch.is_grad_enabled(), torch.device(device))
         cached = self._view_cache.get(v, key)
         if cached is None:
             cached = v.to(device=device, dtype=acc)
@@ -257,7 +278,7 @@ class TinyLoRALinear(nn.Module):
         version (an in-place update, an optimizer step or a reassignment all change it)."""
         b = self._buffers
         U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
-        return (v.data_ptr(), v._version, U.data_ptr(), U._version, S.data_ptr(), S._version,
+        return (*v_state(v), U.data_ptr(), U._version, S.data_ptr(), S._version,
                 Vh.data_ptr(), Vh._version, P.data_ptr(), P._version)
 
     def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
@@ -268,32 +289,36 @@ class TinyLoRALinear(nn.Module):
         R = projection_matrix(v, self.P, self.projection)
         return AdapterFactors(A=self.Vh, B=B, R=R)
 
-    def _constants(self, acc: torch.dtype):
+    def _constants(self, acc: torch.dtype) -> LayerConstants:
         """The :class:`~tinylora_kernels.torch_path.LayerConstants` in ``acc``: what the torch
         path needs besides x and v, kept until a buffer changes."""
+        if torch.compiler.is_compiling():
+            return self._build_constants(acc)      # traced once per graph: no cache needed
         b = self._buffers
         U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
         key = (acc, U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(),
                Vh._version, P.data_ptr(), P._version)
         cached = self.__dict__.get("_consts_")
         if cached is None or cached[0] != key:
-            with no_autocast(U.device.type):
-                s = S.to(acc)
-                B = U.to(acc) @ s if s.dim() == 2 else U.to(acc) * s
-            a = Vh.to(acc)
-            p = P.to(acc).reshape(P.shape[0], -1)
-            pt = p.t().contiguous()
-            cached = self.__dict__["_consts_"] = (key, LayerConstants(
-                a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt))
+            cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
         return cached[1]
+
+    def _build_constants(self, acc: torch.dtype) -> LayerConstants:
+        b = self._buffers
+        with no_autocast(b["U"].device.type):
+            s = b["S"].to(acc)
+            B = b["U"].to(acc) @ s if s.dim() == 2 else b["U"].to(acc) * s
+        a = b["Vh"].to(acc)
+        p = b["P"].to(acc).reshape(b["P"].shape[0], -1)
+        pt = p.t().contiguous()
+        return LayerConstants(a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt)
 
     def _inference_operands(self, acc: torch.dtype):
         """(Aᵀ Rᵀ, Bᵀ) in ``acc`` for the no-grad torch path, kept until v or a buffer changes;
         R formed exactly as :func:`~tinylora_kernels.torch_path.layer_adapter` forms it."""
         consts = self._constants(acc)
         at, bt, pt = consts.at, consts.bt, consts.pt
-        v = self.global_params_ref.global_v
-        key = (v.data_ptr(), v._version, id(consts))
+        key = (*v_state(self.global_params_ref.global_v), id(consts))
         cached = self.__dict__.get("_operands_")
         if cached is None or cached[0] != key:
             vv = self.global_params_ref.compute_view(pt.device)
@@ -320,21 +345,24 @@ class TinyLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + U diag(S) R Vh x`` by the path the router plans for this call."""
         compute_dtype, out_dtype = self._dtypes(x)
-        if x.shape[-1] != self.base_layer.in_features:
-            raise ValueError(f"{self._label()}: expects inputs with in_features="
-                             f"{self.base_layer.in_features} in the last dimension, got an input "
-                             f"of shape {tuple(x.shape)}")
+        in_features = self._modules["base_layer"].in_features
+        if x.shape[-1] != in_features:
+            raise ValueError(f"{self._label()}: expects inputs with in_features={in_features} "
+                             f"in the last dimension, got an input of shape {tuple(x.shape)}")
         plan = router.plan(self, x, compute_dtype, out_dtype)
         if plan.path == "torch":
             base = self._base_forward(x, compute_dtype)
-            if plan.split16 or torch.compiler.is_compiling():
-                return add_adapter(base, x, self.adapter_factors(), out_dtype,
-                                   split16=plan.split16)
             acc = acc_dtype(x.dtype)
             gp = self.global_params_ref
+            if plan.split16 or torch.compiler.is_compiling():
+                # the registered op (one graph node), with the same operands as the eager path
+                c = self._constants(acc)
+                v = gp.compute_view(self._buffers["P"].device).to(acc)
+                f = AdapterFactors(A=c.a, B=c.b, R=r_from(v, c.pt, self.projection))
+                return add_adapter(base, x, f, out_dtype, split16=plan.split16)
             if torch.is_grad_enabled() and (gp.global_v.requires_grad or x.requires_grad
                                             or base.requires_grad):
-                return layer_adapter(base, x, gp.compute_view(self.P.device),
+                return layer_adapter(base, x, gp.compute_view(self._buffers["P"].device),
                                      self._constants(acc), self.projection, out_dtype)
             return add_adapter_inference(base, x, *self._inference_operands(acc), out_dtype)
         if plan.path == "merged":
@@ -395,7 +423,7 @@ class TinyLoRALinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self._label()}: inputs must be floating point, got {x.dtype} "
                             f"(token ids go through the embedding first)")
-        layer = self.base_layer
+        layer = self._modules["base_layer"]
         if self.is_quantized:
             return linear4bit_compute_dtype(layer, x), x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -408,16 +436,19 @@ class TinyLoRALinear(nn.Module):
         """The base layer's product, left in its compute dtype (the output is rounded once,
         after the adapter is added). A dense base given another dtype than its weight computes
         in the weight's dtype, where ``nn.Linear`` itself would raise."""
+        base_layer = self._modules["base_layer"]
         if self.is_quantized:
-            self._check_storage()
-            return linear4bit_forward(self.base_layer, x, compute_dtype)
-        return self.base_layer(x.to(compute_dtype))
+            return linear4bit_forward(base_layer, x, compute_dtype, self._restore_repacked)
+        return base_layer(x.to(compute_dtype))
 
     def _check_storage(self):
         """Restore the NF4 layout when bitsandbytes repacked the base weight in place since the
         last call (an eval-mode CPU forward of the base layer itself); one warning per model."""
         if self.is_quantized and is_cpu_packed(self.base_layer):
-            restore_canonical_layout(self.base_layer)
+            self._restore_repacked()
+
+    def _restore_repacked(self):
+        if restore_canonical_layout(self.base_layer):
             self.scales_rounded_bf16 = True
             gp = self.global_params_ref
             if not getattr(gp, "_warned_repacked", False):
@@ -553,6 +584,8 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
     for parent, name, layer in built:
         setattr(parent, name, layer)
     _link_groups(built)
+    if any(layer.is_quantized for _, _, layer in built):
+        declare_adapter(model)          # transformers' Trainer then accepts the 4-bit model
     if freeze:
         model.requires_grad_(False)
         global_params_ref.global_v.requires_grad_(True)

@@ -35,14 +35,16 @@ def tiny_qwen2_config(num_hidden_layers: int = 2, hidden_size: int = 64,
 def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
                compute_dtype: torch.dtype = torch.float16, seed: int = 0,
                directory: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
-               device: str = "cpu", **config_kwargs):
+               device: str = "cpu", quant_storage: torch.dtype = torch.uint8, **config_kwargs):
     """A random Qwen2 causal LM, loaded as users load theirs.
 
     ``quantized=True`` loads it with ``BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-    bnb_4bit_compute_dtype=compute_dtype)`` (needs bitsandbytes). The unquantized parts, and the
-    dtype the NF4 weights decode to, are ``dtype`` (bf16, as in the users' setup). The weights are
-    drawn from ``seed`` inside a forked RNG: the caller's global RNG state is not changed.
+    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)`` (needs
+    bitsandbytes; ``quant_storage=torch.bfloat16`` is QLoRA-FSDP's storage). The unquantized
+    parts, and the dtype the NF4 weights decode to, are ``dtype`` (bf16, as in the users' setup).
+    The weights are drawn from ``seed`` inside a forked RNG: the caller's global RNG state is not
+    changed.
     """
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +67,8 @@ def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
 
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=compute_dtype)
+                                bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_quant_storage=quant_storage)
         return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map=device,
                                                     dtype=dtype)
 
