@@ -7,6 +7,7 @@
 #   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: what the interpreter cannot
 #                                         check: bf16, compiled paths, bitsandbytes' CUDA decode)
 #   GPU_BENCH_S=170                       time budget of the benchmark suite (0: skip it)
+#   GPU_HOST=0                            skip the per-call host cost (reference and kernels)
 #   GPU_TRAIN=0                           skip the 4-layer training step
 #   GPU_BACKWARD=0                        skip the per-layer backward benchmark
 #   GPU_PARTS=0                           skip the prefill forward's part-by-part timing
@@ -35,6 +36,7 @@ if [ "$sel" != none ]; then
     stamp "CUDA tests"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
         tests/test_nf4.py tests/test_backward.py tests/test_interop.py tests/test_peft_import.py \
+        tests/test_router.py tests/test_ops.py \
         -k "$sel" > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 12
 fi
@@ -45,6 +47,11 @@ if [ "$BENCH_S" != 0 ]; then
     timeout $(( BENCH_S + 60 )) python3 -m tinylora_kernels bench --m 1,16,4096 \
         --modes fwd,fwd+bwd --budget-s "$BENCH_S" --out "$OUT" --name bench-gpu \
         > /tmp/bench-gpu.log 2>&1; tail -n 1 /tmp/bench-gpu.log
+fi
+if [ "${GPU_HOST:-1}" != 0 ]; then
+    stamp "host cost per layer call"
+    timeout 90 python3 -m tinylora_kernels bench --host-cost --out "$OUT" --name host-cost-gpu \
+        2>&1 | tail -n 4
 fi
 if [ "${GPU_TRAIN:-1}" != 0 ]; then
     stamp "training step, 4 decoder layers"

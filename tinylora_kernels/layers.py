@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backend, router
+from .grouping import grouped_forward, link_groups
 from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
                   linear4bit_forward, nf4_of, restore_canonical_layout)
 from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
@@ -370,7 +371,7 @@ class TinyLoRALinear(nn.Module):
         self._check_storage()
         if plan.path == "fused" and "_group_" in self.__dict__ and not (
                 torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            out = self._grouped_forward(x, plan)
+            out = grouped_forward(self, x, plan)
             if out is not None:
                 return out
         from .ops.custom_ops import fused_tinylora_linear
@@ -378,41 +379,6 @@ class TinyLoRALinear(nn.Module):
         return fused_tinylora_linear(x.to(compute_dtype), self.kernel_weight(),
                                      self.base_layer.bias, self.adapter_factors(), out_dtype,
                                      plan.path, plan.config)
-
-    def _grouped_forward(self, x: torch.Tensor, plan):
-        """q/k/v (gate/up) of one input in one launch, without autograd; None when not possible.
-
-        The first member launches for the whole group and leaves each sibling its output, tagged
-        with the input tensor itself (identity and version) and the sibling's constants; a sibling
-        called with that same input takes it, anything else computes afresh. Holding the input
-        keeps its memory from being reused by another tensor meanwhile.
-        """
-        group = self.__dict__["_group_"]
-        stash = self.__dict__.pop("_stash_", None)
-        if stash is not None:
-            x_ref, version, key, out = stash
-            v = self.global_params_ref.compute_view(self.P.device)
-            if x_ref is x and version == x._version and key == self._constants_key(v):
-                return out
-        if group[0] is not self:
-            return None
-        members = []
-        for m in group:
-            p = router.plan(m, x, *m._dtypes(x))
-            if p != plan:
-                return None
-            m._check_storage()
-            members.append(m)
-        from .ops.fused_linear import fused_linear_group
-
-        outs = fused_linear_group(
-            x.to(plan.compute_dtype),
-            [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in members],
-            out_dtype=plan.out_dtype, config=plan.config)
-        for m, out in zip(members[1:], outs[1:]):
-            v = m.global_params_ref.compute_view(m.P.device)
-            m.__dict__["_stash_"] = (x, x._version, m._constants_key(v), out)
-        return outs[0]
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None)
@@ -583,41 +549,14 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
         model.tiny_lora_params = global_params_ref
     for parent, name, layer in built:
         setattr(parent, name, layer)
-    _link_groups(built)
+    link_groups([layer for _, _, layer in built], [id(parent) for parent, _, _ in built],
+                [name for _, name, _ in built])
     if any(layer.is_quantized for _, _, layer in built):
         declare_adapter(model)          # transformers' Trainer then accepts the 4-bit model
     if freeze:
         model.requires_grad_(False)
         global_params_ref.global_v.requires_grad_(True)
     return len(built)
-
-
-#: Projections that read the same input, launched together on the fused kernel path.
-SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def _link_groups(built):
-    """Mark q/k/v and gate/up siblings whose weights one grouped launch can read together."""
-    by_parent = {}
-    for parent, name, layer in built:
-        by_parent.setdefault(id(parent), {})[name] = layer
-    for siblings in by_parent.values():
-        for names in SHARED_INPUT_GROUPS:
-            members = [siblings.get(n) for n in names]
-            if all(m is not None for m in members) and _groupable(members):
-                for m in members:
-                    m.__dict__["_group_"] = tuple(members)
-
-
-def _groupable(members) -> bool:
-    """Same storage kind (NF4 with one double-quant setting, or dense of one dtype), same K,
-    bias on all or none, same rank."""
-    def kind(m):
-        w = m.base_layer.weight
-        return (m.is_quantized, getattr(getattr(w, "quant_state", None), "nested", None),
-                None if m.is_quantized else w.dtype, m.base_layer.in_features,
-                m.base_layer.bias is None, m.rank)
-    return len({kind(m) for m in members}) == 1
 
 
 def _global_rng_is_fresh(targets, seed: int) -> bool:

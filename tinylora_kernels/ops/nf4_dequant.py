@@ -11,7 +11,7 @@ import triton.language as tl
 from ..nf4 import NF4Weight
 from . import interpreting
 from .configs import DECODE_TILE
-from .tiles import nf4_pointer_args
+from .tiles import block_scale, nf4_pointer_args
 
 __all__ = ["dequantize_nf4_triton"]
 
@@ -40,12 +40,8 @@ def _nf4_decode_kernel(
     hi = tl.load(code_ptr + (byte >> 4))
     lo = tl.load(code_ptr + (byte & 15))
     blk = rn64[:, None] * (KH // (BLOCKSIZE // 2)) + (rj // (BLOCKSIZE // 2))[None, :]
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
-        scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, BLOCKSIZE2,
+                        DOUBLE_QUANT)
     if PACK:
         if PACK == 2:
             even = (hi * scale).to(tl.bfloat16).to(tl.int16, bitcast=True)

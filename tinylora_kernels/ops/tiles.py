@@ -67,15 +67,23 @@ def nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels,
         even = nf4_lookup(byte >> 4, levels)
         odd = nf4_lookup(byte & 15, levels)
     blk = rn64 * (K // BK) + k0 // BK
+    scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask_n, BLOCKSIZE2,
+                        DOUBLE_QUANT)
+    return even * scale[:, None], odd * scale[:, None]
+
+
+@triton.jit
+def block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
+                BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 scale of NF4 blocks ``blk``: absmax, or with double quantization
+    ``code2[absmax[b]] * absmax2[b // BLOCKSIZE2] + offset``."""
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
-        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask_n, other=0.0)
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
         # multiply then add, separately rounded (the launch disables FMA contraction), as
         # bitsandbytes decodes it
-        scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
-    return even * scale[:, None], odd * scale[:, None]
+        return tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
 
 @triton.jit

@@ -1,0 +1,77 @@
+"""Projections that read the same input (q/k/v; gate/up) computed by one kernel launch.
+
+At decode the k and v projections alone cost far less than a launch; launched with q they ride
+along. Grouping is decided once, when ``apply_tiny_lora`` adapts sibling layers of one parent;
+at call time it is used only where the router planned the fused kernel for every member, without
+autograd. The first member launches for the whole group and leaves each sibling its output,
+tagged with the input tensor itself (identity and version) and the sibling's adapter state; a
+sibling called with that same, unchanged input and adapter takes it, anything else computes
+afresh. Holding the input keeps its memory from being reused by another tensor meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import router
+
+__all__ = ["SHARED_INPUT_GROUPS", "link_groups", "grouped_forward"]
+
+#: Projections that read the same input, launched together on the fused kernel path.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def link_groups(layers, parents, names) -> None:
+    """Mark sibling TinyLoRA layers (same parent id, names of one :data:`SHARED_INPUT_GROUPS`
+    entry) whose weights one grouped launch can read together."""
+    by_parent = {}
+    for layer, parent, name in zip(layers, parents, names):
+        by_parent.setdefault(parent, {})[name] = layer
+    for siblings in by_parent.values():
+        for group in SHARED_INPUT_GROUPS:
+            members = [siblings.get(n) for n in group]
+            if all(m is not None for m in members) and _groupable(members):
+                for m in members:
+                    m.__dict__["_group_"] = tuple(members)
+
+
+def _groupable(members) -> bool:
+    """Same storage kind (NF4 with one double-quant setting, or dense of one dtype), same K,
+    bias on all or none, same rank."""
+    def kind(m):
+        w = m.base_layer.weight
+        return (m.is_quantized, getattr(getattr(w, "quant_state", None), "nested", None),
+                None if m.is_quantized else w.dtype, m.base_layer.in_features,
+                m.base_layer.bias is None, m.rank)
+    return len({kind(m) for m in members}) == 1
+
+
+def _adapter_state(layer):
+    return layer._constants_key(layer.global_params_ref.compute_view(layer.P.device))
+
+
+def grouped_forward(layer, x: torch.Tensor, plan) -> Optional[torch.Tensor]:
+    """``layer(x)`` through its group's launch; None when the group cannot serve this call."""
+    group = layer.__dict__["_group_"]
+    stash = layer.__dict__.pop("_stash_", None)
+    if stash is not None:
+        x_ref, version, state, out = stash
+        if x_ref is x and version == x._version and state == _adapter_state(layer):
+            return out
+    if group[0] is not layer:
+        return None
+    for m in group:
+        if router.plan(m, x, *m._dtypes(x)) != plan:
+            return None
+        m._check_storage()
+    from .ops.fused_linear import fused_linear_group
+
+    outs = fused_linear_group(
+        x.to(plan.compute_dtype),
+        [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in group],
+        out_dtype=plan.out_dtype, config=plan.config)
+    for m, out in zip(group[1:], outs[1:]):
+        m.__dict__["_stash_"] = (x, x._version, _adapter_state(m), out)
+    return outs[0]
