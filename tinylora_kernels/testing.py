@@ -59,7 +59,7 @@ def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
                 if p.dim() == 2:
                     p.add_(torch.randn(p.shape[0], 1) @ torch.randn(1, p.shape[1]) * 0.05)
     ctx = tempfile.TemporaryDirectory() if directory is None else contextlib.nullcontext(directory)
-    with ctx as d:
+    with ctx as d, _quiet_transformers():
         model.save_pretrained(d)
         if not quantized:
             return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device)
@@ -71,6 +71,20 @@ def tiny_qwen2(quantized: bool = True, *, double_quant: bool = True,
                                 bnb_4bit_quant_storage=quant_storage)
         return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map=device,
                                                     dtype=dtype)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No save/load progress bars for these tiny models (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def reference_error_budget(y_test: torch.Tensor, y_lowp: torch.Tensor, y_f64: torch.Tensor,
