@@ -16,10 +16,10 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backend, router
-from .grouping import grouped_forward, link_groups
 from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
                   linear4bit_forward, nf4_of, restore_canonical_layout)
 from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
+from .grouping import grouped_forward, link_groups
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
                          LayerConstants, acc_dtype, layer_adapter, no_autocast, projection_matrix,
                          r_from)
@@ -275,12 +275,15 @@ class TinyLoRALinear(nn.Module):
         return cached[1]
 
     def _constants_key(self, v):
-        """What the adapter's constants depend on: v and the buffers, each by storage and
-        version (an in-place update, an optimizer step or a reassignment all change it)."""
+        """What the adapter's values depend on: v and the buffers, each by storage and version
+        (an in-place update, an optimizer step or a reassignment all change it)."""
+        return (*v_state(v), *self._buffers_key())
+
+    def _buffers_key(self) -> tuple:
         b = self._buffers
         U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
-        return (*v_state(v), U.data_ptr(), U._version, S.data_ptr(), S._version,
-                Vh.data_ptr(), Vh._version, P.data_ptr(), P._version)
+        return (U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(), Vh._version,
+                P.data_ptr(), P._version)
 
     def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
         acc = v.dtype
@@ -295,10 +298,7 @@ class TinyLoRALinear(nn.Module):
         path needs besides x and v, kept until a buffer changes."""
         if torch.compiler.is_compiling():
             return self._build_constants(acc)      # traced once per graph: no cache needed
-        b = self._buffers
-        U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
-        key = (acc, U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(),
-               Vh._version, P.data_ptr(), P._version)
+        key = (acc, *self._buffers_key())
         cached = self.__dict__.get("_consts_")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
