@@ -30,13 +30,13 @@ b.__version__, '|', torch.cuda.get_device_name())"
 
 # (each kernel variant compiles on first use: the whole tier takes several minutes; the default
 # keeps what only a GPU can check and fits ~2 minutes)
-sel=${GPU_TESTS:-"(bf16 and (nf4 or dequant or decode or bit_exact)) or compile or import_onto"}
+sel=${GPU_TESTS:-"(bf16 and (nf4 or dequant or decode or bit_exact)) or compile or import_onto or gemv"}
 if [ "$sel" = all ]; then sel=""; fi
 if [ "$sel" != none ]; then
     stamp "CUDA tests"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
         tests/test_nf4.py tests/test_backward.py tests/test_interop.py tests/test_peft_import.py \
-        tests/test_router.py tests/test_ops.py \
+        tests/test_router.py tests/test_ops.py tests/test_nf4_gemv.py \
         -k "$sel" > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 12
 fi

@@ -178,7 +178,8 @@ def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
     monkeypatch.setattr(fl, "fused_linear_group",
                         lambda *a, **k: launches.append(len(a[1])) or real(*a, **k))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE,
+    # 8 rows: NF4 calls of up to 4 rows go to the GEMV, which launches per projection
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE,
                                                                           torch.float16)
     with torch.no_grad(), use_backend("triton"):
         grouped = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x),
@@ -204,7 +205,7 @@ def test_a_sibling_never_reuses_a_stale_grouped_output():
     gp = TinyLoRAGlobalParams(u_dim=4, device=KERNEL_DEVICE, dtype=torch.float32)
     apply_tiny_lora(model, gp, progress=False)
     attn = model.model.layers[0].self_attn
-    x = torch.randn(2, 64).to(KERNEL_DEVICE, torch.float16)
+    x = torch.randn(8, 64).to(KERNEL_DEVICE, torch.float16)
     with torch.no_grad(), use_backend("triton"):
         attn.q_proj(x)                      # leaves k and v their outputs for this x
         x.mul_(2)                           # the same tensor, changed in place

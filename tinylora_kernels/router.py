@@ -6,6 +6,8 @@ A :class:`Plan` names the path, the kernel config where there is one, and why:
 ``torch``     the base layer's own product (bitsandbytes' ``matmul_4bit`` for a 4-bit base,
               ``F.linear`` for a dense one) + the factorized adapter in fp32
               (:mod:`tinylora_kernels.torch_path`); ``split16`` for its one-16-bit-GEMM form
+``gemv``      NF4 at M <= 4: a split-K GEMV with the adapter folded in
+              (:mod:`tinylora_kernels.ops.nf4_gemv`; backward :mod:`~.ops.grad_x`)
 ``fused``     one Triton kernel streaming the packed (or dense) weight with the adapter folded in
               (:mod:`tinylora_kernels.ops.fused_linear`; backward :mod:`~.ops.grad_x`)
 ``large_m``   decode NF4 into a workspace + one cuBLAS GEMM carrying the adapter
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Plan", "plan", "explain", "AUTO_KERNEL_ROWS", "PATHS"]
 
-PATHS = ("torch", "fused", "large_m", "merged")
+PATHS = ("torch", "gemv", "fused", "large_m", "merged")
 
 #: Where ``auto`` sends CUDA calls to the kernels: rows ``(first M, last M)``, each backed
 #: by a committed measurement. None is: on an H200 (torch 2.11, triton 3.6, bitsandbytes 0.50.2;
@@ -65,23 +67,22 @@ class Plan:
     backend: str                       # the backend asked for
     reason: str                        # why this path
     split16: bool = False              # torch path: the adapter by one 16-bit GEMM
-    config: object = None              # fused path: the kernel's KernelConfig
+    config: object = None              # gemv / fused path: the kernel's launch config
 
     def __str__(self) -> str:
         extra = " split16" if self.split16 else ""
         if self.config is not None:
-            c = self.config
-            extra += f" BM={c.BM} BN={c.BN} BK={c.BK} warps={c.num_warps} stages={c.num_stages}"
+            extra += " " + " ".join(f"{k}={v}" for k, v in vars(self.config).items())
         return (f"{self.path}{extra} ({str(self.compute_dtype)[6:]} -> "
                 f"{str(self.out_dtype)[6:]}; backend {self.backend}): {self.reason}")
 
 
 def _m_edges(layer) -> Tuple[int, ...]:
     """The row counts at which some decision changes for this layer (sorted)."""
-    from .ops.configs import CONFIG_TABLE, CUBLAS_MIN_M
+    from .ops.configs import CONFIG_TABLE, CUBLAS_MIN_M, GEMV_MAX_M
 
     n = layer.base_layer.out_features
-    edges = {CUBLAS_MIN_M, -(-SPLIT16_MIN_ELEMENTS // max(n, 1))}
+    edges = {CUBLAS_MIN_M, GEMV_MAX_M + 1, -(-SPLIT16_MIN_ELEMENTS // max(n, 1))}
     edges.update(int(m_max) + 1 for m_max, _, _ in CONFIG_TABLE if m_max != math.inf)
     for first, last in AUTO_KERNEL_ROWS:
         edges.update((first, first if last == math.inf else int(last) + 1))
@@ -156,9 +157,13 @@ def _decide(layer, x, m, asked, compute_dtype, out_dtype) -> Plan:
 
 def _kernel_plan(layer, m, asked, compute_dtype, out_dtype) -> Plan:
     from .ops import interpreting
-    from .ops.configs import CUBLAS_MIN_M, pick_config
+    from .ops.configs import CUBLAS_MIN_M, GEMV_MAX_M, gemv_config, pick_config
 
     n, k = layer.base_layer.out_features, layer.base_layer.in_features
+    if layer.is_quantized and 0 < m <= GEMV_MAX_M:
+        return Plan("gemv", compute_dtype, out_dtype, asked,
+                    f"NF4 at M <= {GEMV_MAX_M}: the split-K GEMV (launch shape not yet measured "
+                    "on a GPU)", config=gemv_config(n, k))
     if layer.is_quantized and m >= CUBLAS_MIN_M and not interpreting():
         return Plan("large_m", compute_dtype, out_dtype, asked,
                     f"M >= {CUBLAS_MIN_M}: decode once + cuBLAS beats streaming NF4 per tile")

@@ -16,7 +16,8 @@ from ..nf4 import NF4Weight
 from . import interpreting
 
 __all__ = ["KernelConfig", "CONFIG_TABLE", "INTERPRETER_CONFIG", "pick_config",
-           "check_supported", "CUBLAS_MIN_M", "EXT_ALIGN", "DECODE_TILE", "MAX_RANK"]
+           "check_supported", "CUBLAS_MIN_M", "EXT_ALIGN", "DECODE_TILE", "MAX_RANK",
+           "GEMV_MAX_M", "GemvConfig", "gemv_config"]
 
 DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest rank the kernel takes (the adapter is padded to a 16-wide tile for tl.dot).
@@ -86,6 +87,32 @@ def pick_config(M: int, N: int, K: int) -> KernelConfig:
         if M <= m_max and N <= n_max:
             return cfg
     raise AssertionError("CONFIG_TABLE ends with an unbounded row")
+
+
+#: Rows of x the GEMV takes; larger M goes to the tensor-core kernels.
+GEMV_MAX_M = 4
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the NF4 GEMV: BN rows x BKH packed bytes per step, K in ``split`` slices."""
+
+    BN: int
+    BKH: int
+    split: int
+    num_warps: int = 4
+
+
+def gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:
+    """The GEMV's launch shape for an (N, K) weight. NOT YET MEASURED on a GPU: BN = 16 rows of
+    256 bytes (4 KB of NF4 in flight per program), and enough K slices that ~2 programs per SM
+    (132 on an H100/H200) are in flight, each slice at least 1024 weights long."""
+    if interpreting():
+        return GemvConfig(BN=16, BKH=32, split=1, num_warps=1)
+    bn, bkh = 16, 256
+    row_tiles = -(-n // bn)
+    split = max(1, min(-(-2 * sms // row_tiles), k // 1024))
+    return GemvConfig(BN=bn, BKH=bkh, split=split)
 
 
 def check_supported(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],

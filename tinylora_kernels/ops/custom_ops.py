@@ -3,8 +3,9 @@
 Both are ``torch.library`` custom ops with fake (shape) implementations, and ``fused_linear``
 carries its backward (derivation in :func:`_fused_linear_backward`), so eager autograd and
 ``torch.compile(fullgraph=True)`` see single opaque nodes. Each takes the ``path`` the router
-planned: ``"fused"`` (the fused kernels, :mod:`.fused_linear` and :mod:`.grad_x`) or
-``"large_m"`` (decode + cuBLAS, :mod:`.large_m`); the backward follows its forward's path.
+planned: ``"gemv"`` (the NF4 GEMV for M <= 4, :mod:`.nf4_gemv`), ``"fused"`` (the fused
+kernels, :mod:`.fused_linear` and :mod:`.grad_x`) or ``"large_m"`` (decode + cuBLAS,
+:mod:`.large_m`); the backward follows its forward's path (the GEMV's is the fused one).
 Plain inference calls the launcher directly: no dispatcher, no graph.
 
 A custom op takes tensors and plain values only, so an :class:`NF4Weight` travels as its tensors
@@ -23,12 +24,13 @@ from ..torch_path import AdapterFactors
 from .fused_linear import launch_fused_linear
 from .grad_x import fused_grad_x
 from .large_m import dequant_cublas_grad_x, dequant_cublas_linear
+from .nf4_gemv import nf4_gemv
 
 __all__ = ["KERNEL_PATHS", "fused_tinylora_linear", "kernel_forward", "kernel_grad_x",
            "pack_weight", "unpack_weight"]
 
 #: The kernel paths a plan can name.
-KERNEL_PATHS = ("fused", "large_m")
+KERNEL_PATHS = ("gemv", "fused", "large_m")
 
 
 def kernel_forward(path: str, x, weight, bias, factors, *, out_dtype, store_ax=False,
@@ -37,12 +39,20 @@ def kernel_forward(path: str, x, weight, bias, factors, *, out_dtype, store_ax=F
     if path == "large_m":
         return dequant_cublas_linear(x, weight, bias, factors, out_dtype=out_dtype,
                                      store_ax=store_ax)
+    if path == "gemv":
+        y = nf4_gemv(x, weight, bias, factors, out_dtype=out_dtype, config=config)
+        if not store_ax:
+            return y
+        ax = None if factors is None else \
+            x.reshape(-1, x.shape[-1]).float() @ factors.A.float().t()   # (M <= 4, r)
+        return y, ax
     return launch_fused_linear(x, weight, bias, factors, out_dtype=out_dtype, store_ax=store_ax,
                                config=config)
 
 
 def kernel_grad_x(path: str, g, weight, factors, *, x_dtype):
-    """``(g W + ((g B) R) A, g B)`` by the kernel path ``path``."""
+    """``(g W + ((g B) R) A, g B)`` by the kernel path ``path`` (the GEMV's backward is the
+    fused kernel's)."""
     if path == "large_m":
         return dequant_cublas_grad_x(g, weight, factors, x_dtype=x_dtype)
     return fused_grad_x(g, weight, factors, x_dtype=x_dtype, store_gb=True)

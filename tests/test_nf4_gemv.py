@@ -1,0 +1,104 @@
+"""The NF4 GEMV (M <= 4, split over K, adapter folded in) against the float64 formula.
+
+Rule: error against float64 at most twice torch's own low-precision computation of the same
+function (plus a small atol), on fresh random inputs, odd shapes, a NaN-poisoned output buffer.
+"""
+
+import pytest
+import torch
+
+from conftest import KERNEL_DEVICE, KERNELS_MISSING, KERNELS_RUN, make_linear4bit, needs_bnb
+
+pytestmark = [needs_bnb, pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_MISSING)]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+if KERNEL_DEVICE == "cuda":
+    DTYPES["bf16"] = torch.bfloat16
+
+
+def _problem(n, k, m, dtype, dq, bias, adapter, rng):
+    from tinylora_kernels.nf4 import NF4Weight
+    from tinylora_kernels.torch_path import AdapterFactors
+
+    base, _ = make_linear4bit(n, k, bias=bias, double_quant=dq,
+                              seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    base = base.to(KERNEL_DEVICE)
+    w = NF4Weight.from_bnb(base.weight)
+    f = None
+    if adapter:
+        f = AdapterFactors(
+            A=(torch.randn(2, k, generator=rng) / k ** 0.5).bfloat16().to(KERNEL_DEVICE),
+            B=torch.randn(n, 2, generator=rng).to(KERNEL_DEVICE),
+            R=torch.randn(2, 2, generator=rng).to(KERNEL_DEVICE))
+    b = None if not bias else base.bias.detach().to(dtype)
+    x = torch.randn(m, k, generator=rng).to(KERNEL_DEVICE, dtype)
+    return x, w, b, f
+
+
+def _f64(x, w, f, b):
+    from tinylora_kernels.nf4 import dequantize_nf4
+
+    y = x.double() @ dequantize_nf4(w, torch.float64).T
+    if f is not None:
+        y = y + (x.double() @ f.A.double().T) @ f.R.double().T @ f.B.double().T
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("n,k", [(40, 192), (33, 320)], ids=["40x192", "33x320"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("bias,adapter", [(True, True), (False, False)],
+                         ids=["bias+adapter", "bare"])
+def test_gemv_vs_float64(split, m, n, k, dtype, dq, bias, adapter, rng):
+    from tinylora_kernels.ops.configs import GemvConfig
+    from tinylora_kernels.ops.nf4_gemv import nf4_gemv
+    from tinylora_kernels.reference import tinylora_linear_reference
+
+    dt = DTYPES[dtype]
+    x, w, b, f = _problem(n, k, m, dt, dq, bias, adapter, rng)
+    cfg = GemvConfig(BN=16, BKH=32, split=split, num_warps=1)
+    out = torch.full((m, n), float("nan"), dtype=dt, device=KERNEL_DEVICE)
+    y = nf4_gemv(x, w, b, f, out_dtype=dt, config=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    truth = _f64(x, w, f, b)
+    lowp = tinylora_linear_reference(x, w, f, b)        # torch in x's dtype, W decoded
+    err = (y.double() - truth).abs().max().item()
+    budget = 2 * (lowp.double() - truth).abs().max().item() + 1e-5
+    assert err <= budget, f"error {err:.3e} > budget {budget:.3e}"
+    again = nf4_gemv(x, w, b, f, out_dtype=dt, config=cfg)
+    assert torch.equal(again, y)                          # deterministic, split or not
+
+
+def test_gemv_rejects_more_rows_than_it_takes(rng):
+    from tinylora_kernels.ops.nf4_gemv import nf4_gemv
+
+    x, w, b, f = _problem(40, 64, 5, torch.float32, True, False, False, rng)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        nf4_gemv(x, w, b, f, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 4, 5])
+def test_layer_routes_decode_to_the_gemv_and_trains_through_it(m, rng):
+    from tinylora_kernels import TinyLoRAGlobalParams, TinyLoRALinear, router, use_backend
+    from tinylora_kernels.testing import layer_truth_and_lowp, reference_error_budget
+
+    base, _ = make_linear4bit(48, 128, compute_dtype=torch.float32)
+    gp = TinyLoRAGlobalParams(u_dim=4, dtype=torch.float32).to(KERNEL_DEVICE)
+    layer = TinyLoRALinear(base.to(KERNEL_DEVICE), global_params_ref=gp)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(4, generator=rng))
+    x = torch.randn(m, 128, generator=rng).to(KERNEL_DEVICE).requires_grad_(True)
+    with use_backend("triton"):
+        assert router.explain(layer, x).path == ("gemv" if m <= 4 else "fused")
+        y = layer(x)
+        gx, gv = torch.autograd.grad(y, (x, gp.global_v), torch.ones_like(y))
+    truth, lowp = layer_truth_and_lowp(layer, x.detach())
+    err, budget = reference_error_budget(y, lowp, truth)
+    assert err <= budget
+    with use_backend("reference"):
+        y_ref = layer(x)
+        ex, ev = torch.autograd.grad(y_ref, (x, gp.global_v), torch.ones_like(y_ref))
+    torch.testing.assert_close(gx, ex, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gv, ev, rtol=1e-4, atol=1e-4)
