@@ -7,6 +7,7 @@
 #   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: what the interpreter cannot
 #                                         check: bf16, compiled paths, bitsandbytes' CUDA decode)
 #   GPU_BENCH_S=170                       time budget of the benchmark suite (0: skip it)
+#   GPU_GEMV=0                            skip the NF4 GEMV launch-shape sweep (decode, M = 1, 4)
 #   GPU_HOST=0                            skip the per-call host cost (reference and kernels)
 #   GPU_TRAIN=0                           skip the 4-layer training step
 #   GPU_BACKWARD=0                        skip the per-layer backward benchmark
@@ -47,6 +48,11 @@ if [ "$BENCH_S" != 0 ]; then
     timeout $(( BENCH_S + 60 )) python3 -m tinylora_kernels bench --m 1,16,4096 \
         --modes fwd,fwd+bwd --budget-s "$BENCH_S" --out "$OUT" --name bench-gpu \
         > /tmp/bench-gpu.log 2>&1; tail -n 1 /tmp/bench-gpu.log
+fi
+if [ "${GPU_GEMV:-1}" != 0 ]; then
+    stamp "NF4 GEMV launch shapes"
+    timeout 150 python3 -m tinylora_kernels bench --gemv-sweep --out "$OUT" --name gemv-sweep \
+        2>&1 | grep -v Warning | tail -n 16
 fi
 if [ "${GPU_HOST:-1}" != 0 ]; then
     stamp "host cost per layer call"

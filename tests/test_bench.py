@@ -156,3 +156,16 @@ def test_host_cost_measures_both_cases(tmp_path):
         assert row["reference_plan"].startswith("torch")
     paths = bench.write_host_cost(data, tmp_path, "h")
     assert "no_grad" in paths[1].read_text() and json.loads(paths[0].read_text())["results"]
+
+
+@needs_bnb
+def test_gemv_sweep_machinery_runs_under_the_interpreter():
+    from conftest import KERNELS_RUN
+
+    if not KERNELS_RUN or torch.cuda.is_available():
+        pytest.skip("the CPU check of the sweep needs the interpreter (on a GPU it is a benchmark)")
+    data = bench.gemv_sweep(model="cpu-reduced", ms=(1,), bns=(16,), bkhs=(32,), splits=(1, 2),
+                            warps=(1,), layers=["k_proj"], device="cpu")
+    assert len(data["rows"]) == 2 and all(r["median_us"] > 0 for r in data["rows"])
+    (best,) = data["best"]
+    assert best["layer"] == "k_proj" and best["time_over_floor"] > 0

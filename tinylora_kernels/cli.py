@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="file stem (default: bench-<device>-<date>-<time>)")
     p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"), type=_result_file,
                          help="compare two result files instead of running")
+    p_bench.add_argument("--gemv-sweep", action="store_true",
+                         help="time every NF4 GEMV launch shape on the model's linears (GPU)")
     p_bench.add_argument("--host-cost", action="store_true",
                          help="time the per-call host cost of a tiny layer instead (on a GPU "
                          "also through the kernels)")
@@ -287,6 +289,21 @@ def _bench(args) -> int:
         print(f"error: --out {args.out} is a file, not a directory", file=sys.stderr)
         return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.gemv_sweep:
+        if device != "cuda":
+            print("error: --gemv-sweep times GPU kernels; torch sees no CUDA device here",
+                  file=sys.stderr)
+            return 2
+        data = bench.gemv_sweep(model=(args.models or ["qwen2.5-coder-3b"])[0])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{_free_stem(out_dir, args.name or f'gemv-sweep-{stamp}')}.json"
+        path.write_text(json.dumps(data, indent=1))
+        for r in data["best"]:
+            print(f"{r['layer']:>10} M={r['M']}: BN={r['BN']} BKH={r['BKH']} split={r['split']} "
+                  f"warps={r['num_warps']} {r['median_us']:.1f} µs = {r['time_over_floor']:.2f}x "
+                  "floor")
+        print(f"wrote {path}")
+        return 0
     if args.host_cost:
         data = bench.host_cost(device=device, backends=("reference", "triton")
                                if device == "cuda" else ("reference",))
