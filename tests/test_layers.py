@@ -338,3 +338,21 @@ def test_inference_after_an_optimizer_step_uses_the_new_v(fused, rng):
         fresh = layer(x)
     assert not torch.equal(after, before)
     assert torch.equal(after, fresh)
+
+
+def test_operands_kept_from_an_inference_mode_call_serve_training(rng):
+    # generation often runs under torch.inference_mode; what the layer keeps from such a call
+    # must still be usable (and savable) by autograd in the next training step
+    layer, gp = _adapt(make_linear(20, 64))
+    x = torch.randn(3, 64, generator=rng)
+    with torch.inference_mode():
+        layer(x)
+    assert not layer._constants(torch.float32).b.is_inference()
+    from tinylora_kernels.torch_path import AdapterFactors, add_adapter
+
+    c = layer._constants(torch.float32)
+    f = AdapterFactors(A=c.a, B=c.b, R=torch.eye(2, requires_grad=True))
+    xh = x.half().requires_grad_(True)
+    out = add_adapter(torch.zeros(3, 20, dtype=torch.float16), xh, f, split16=True)
+    out.float().sum().backward()                    # saves A and B for backward
+    assert xh.grad is not None and torch.isfinite(xh.grad).all()

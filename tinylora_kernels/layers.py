@@ -286,12 +286,8 @@ class TinyLoRALinear(nn.Module):
                 P.data_ptr(), P._version)
 
     def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
-        acc = v.dtype
-        s = self.S.to(acc)
-        with no_autocast(s.device.type):
-            B = self.U.to(acc) @ s if s.dim() == 2 else self.U.to(acc) * s
         R = projection_matrix(v, self.P, self.projection)
-        return AdapterFactors(A=self.Vh, B=B, R=R)
+        return AdapterFactors(A=self.Vh, B=self._constants(v.dtype).b, R=R)
 
     def _constants(self, acc: torch.dtype) -> LayerConstants:
         """The :class:`~tinylora_kernels.torch_path.LayerConstants` in ``acc``: what the torch
@@ -301,7 +297,10 @@ class TinyLoRALinear(nn.Module):
         key = (acc, *self._buffers_key())
         cached = self.__dict__.get("_consts_")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
+            # kept across calls: never inference tensors (autograd may save them later), even
+            # when the first call runs under torch.inference_mode (generation)
+            with torch.inference_mode(False):
+                cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
         return cached[1]
 
     def _build_constants(self, acc: torch.dtype) -> LayerConstants:
@@ -323,7 +322,7 @@ class TinyLoRALinear(nn.Module):
         cached = self.__dict__.get("_operands_")
         if cached is None or cached[0] != key:
             vv = self.global_params_ref.compute_view(pt.device)
-            with no_autocast(pt.device.type):
+            with no_autocast(pt.device.type), torch.inference_mode(False):
                 rat = at @ r_from(vv.to(acc), pt, self.projection).t()
             cached = self.__dict__["_operands_"] = (key, rat, bt)
         return cached[1], cached[2]

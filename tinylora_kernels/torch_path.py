@@ -200,7 +200,7 @@ def _add_adapter_values(base, x, A, B, R, out_dtype, split: bool, need_ax: bool 
     The fp32 form computes ``z = x (Aᵀ Rᵀ)`` (one product of x; inference needs no more) and
     ``A x`` only for the backward, so inference and training round the same way.
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     n, k = base.shape[-1], x.shape[-1]
     with no_autocast(x.device.type):
         if split and acc == torch.float32 and out_dtype == base.dtype == x.dtype in _HALF:
@@ -251,7 +251,7 @@ def _add_adapter_op(base: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
 
 @_add_adapter_op.register_fake
 def _add_adapter_fake(base, x, A, B, R, out_dtype, split16):
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     rows = math.prod(x.shape[:-1])
     return base.new_empty(base.shape, dtype=out_dtype), x.new_empty((rows, A.shape[0]), dtype=acc)
 
