@@ -135,9 +135,11 @@ def _choices_list(valid, what: str, pattern: str = None):
 
 
 def _int_list(text: str) -> List[int]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
     try:
-        return [_positive_int(s.strip()) for s in text.split(",") if s.strip()] or \
-            _positive_int("")
+        if not items:
+            raise argparse.ArgumentTypeError("none given")
+        return [_positive_int(s) for s in items]
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: row counts are comma-separated whole "
                                          f"numbers >= 1 ({exc})") from None

@@ -131,13 +131,13 @@ def _sum_slices_kernel(part_ptr, out_ptr, bias_ptr, MN, N, SPLIT: tl.constexpr,
 
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
              factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
-             config: Optional[GemvConfig] = None, br: Optional[torch.Tensor] = None,
+             config: Optional[GemvConfig] = None,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x Wᵀ + B (R (A x)) + bias`` for x (..., K) with at most :data:`GEMV_MAX_M` rows.
 
     The caller has checked the call (the router's plan: NF4 storage with 64-weight blocks, x on
-    the weight's device). ``br`` = B R (N x r, fp32) when the caller keeps it; else it is formed
-    here. ``out``: a contiguous (M, N) buffer to write into.
+    the weight's device). B R (N x r, fp32) is formed here, one small product per call.
+    ``out``: a contiguous (M, N) buffer to write into.
     """
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -151,8 +151,7 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
         return out.view(*lead, n)
     cfg = config or gemv_config(n, k)
     rank = 0 if factors is None else factors.A.shape[0]
-    if factors is not None and br is None:
-        br = (factors.B.float() @ factors.R.float()).contiguous()
+    br = None if factors is None else (factors.B.float() @ factors.R.float()).contiguous()
     step = 2 * cfg.BKH
     k_slice = step * triton.cdiv(triton.cdiv(k, cfg.split), step)
     split = triton.cdiv(k, k_slice)
