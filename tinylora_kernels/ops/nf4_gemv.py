@@ -9,7 +9,7 @@ Shaped for bandwidth rather than for tensor cores:
   sums ``level x x`` first and multiplies by its scale once (``Σ_b s_b Σ_j l_j x_j``), fp32
   throughout — the weight is never rounded to 16 bits, so this is at least as exact as decoding;
 * the adapter is folded in: the same x slice gives this slice's share of ``A x`` (r numbers per
-  row of x), which meets ``B R`` (N x r, fp32, kept by the layer while v is unchanged) in the
+  row of x), which meets ``B R`` (N x r, fp32, one small product per call) in the
   same program — no extra launch, no extra pass over the output;
 * slices are summed in a fixed order by a second small kernel (deterministic: same input, same
   bits); with one slice the GEMV kernel writes the output itself.
