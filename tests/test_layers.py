@@ -348,6 +348,8 @@ def test_operands_kept_from_an_inference_mode_call_serve_training(rng):
     with torch.inference_mode():
         layer(x)
     assert not layer._constants(torch.float32).b.is_inference()
+    rat, _ = layer._inference_operands(torch.float32)
+    assert not rat.is_inference() and rat.grad_fn is None and not rat.requires_grad
     from tinylora_kernels.torch_path import AdapterFactors, add_adapter
 
     c = layer._constants(torch.float32)

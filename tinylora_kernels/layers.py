@@ -298,8 +298,9 @@ class TinyLoRALinear(nn.Module):
         cached = self.__dict__.get("_consts_")
         if cached is None or cached[0] != key:
             # kept across calls: never inference tensors (autograd may save them later), even
-            # when the first call runs under torch.inference_mode (generation)
-            with torch.inference_mode(False):
+            # when the first call runs under torch.inference_mode (generation); leaving that
+            # mode turns autograd back on, hence no_grad inside it
+            with torch.inference_mode(False), torch.no_grad():
                 cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
         return cached[1]
 
@@ -322,7 +323,7 @@ class TinyLoRALinear(nn.Module):
         cached = self.__dict__.get("_operands_")
         if cached is None or cached[0] != key:
             vv = self.global_params_ref.compute_view(pt.device)
-            with no_autocast(pt.device.type), torch.inference_mode(False):
+            with no_autocast(pt.device.type), torch.inference_mode(False), torch.no_grad():
                 rat = at @ r_from(vv.to(acc), pt, self.projection).t()
             cached = self.__dict__["_operands_"] = (key, rat, bt)
         return cached[1], cached[2]
