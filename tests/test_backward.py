@@ -89,12 +89,16 @@ def test_dequant_cublas_grad_x(dtype, adapter, rng):
 
 
 def test_v_gradient_is_summed_in_fp32_over_layers():
-    # 40 layers share one bf16 v: its gradient must be the fp32 sum rounded once
+    # 40 layers share one bf16 v: within a model call its gradient must be the fp32 sum
+    # rounded once (every layer reads the call's one fp32 view of v)
+    from tinylora_kernels.adapter_state import install_call_hooks
+
     def chain(v_dtype):
         torch.manual_seed(0)
         gp = TinyLoRAGlobalParams(u_dim=5, dtype=v_dtype)
         layers = torch.nn.Sequential(*[TinyLoRALinear(make_linear(16, 16, seed=i), 2, None, gp)
                                        for i in range(40)])
+        install_call_hooks(layers, gp)        # what apply_tiny_lora does
         with torch.no_grad():
             gp.global_v.copy_(torch.linspace(-0.3, 0.3, 5).bfloat16())   # same values in both
         return layers, gp

@@ -10,11 +10,21 @@ to know them:
   bit-identical to bitsandbytes' where bitsandbytes is right;
 * 0-row inputs crash its CPU kernel (SIGFPE): they are answered without calling it.
 
+On a CPU, bitsandbytes decodes the whole weight at every call (its fast path exists only for CPUs
+with AVX512-BF16, and repacks the weight in place). Here the base product on a CPU uses a decoded
+copy of the weight in the compute dtype, kept per layer while a process-wide budget allows
+(:func:`cpu_decoded_weight`; ``TINYLORA_CPU_DECODED_MB``, default 1024 MiB, 0 turns it off):
+the same bits as bitsandbytes' decode-then-``linear``, without decoding again at every call. The
+NF4 storage stays as it is (the kernels, the SVD and the checkpoints read it); layers beyond the
+budget decode per call, as bitsandbytes does.
+
 ``import bitsandbytes`` happens only inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from functools import lru_cache
 
 import torch
@@ -120,14 +130,53 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
     if xc.shape[:-1].numel() == 0:
         out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
         return out if bias is None else out + bias
-    if xc.device.type == "cpu" and layer.in_features % qs.blocksize:
-        return _NF4Linear.apply(xc, nf4_of(layer), bias)
+    if xc.device.type == "cpu" and not torch.compiler.is_compiling():
+        decoded = cpu_decoded_weight(layer, compute_dtype)
+        if decoded is not None:
+            return F.linear(xc, decoded, bias)
+        if layer.in_features % qs.blocksize:
+            return _NF4Linear.apply(xc, nf4_of(layer), bias)
     import bitsandbytes as bnb
 
     # bitsandbytes >= 0.50 takes the packed weight as stored (its own layer passes it so);
     # earlier versions expect it transposed
     return bnb.matmul_4bit(xc, weight if _takes_weight_as_stored() else weight.t(), bias=bias,
                            quant_state=qs)
+
+
+#: layer -> (storage key, decoded weight): the kept CPU copies (see the module docstring)
+_DECODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoded_budget_bytes() -> int:
+    """The process-wide budget for decoded CPU weights (``TINYLORA_CPU_DECODED_MB``, MiB)."""
+    raw = os.environ.get("TINYLORA_CPU_DECODED_MB", "1024")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"TINYLORA_CPU_DECODED_MB must be a number of MiB, got {raw!r}") \
+            from None
+    return int(max(mb, 0) * (1 << 20))
+
+
+def cpu_decoded_weight(layer, dtype: torch.dtype):
+    """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while its storage is
+    unchanged; None when it would not fit in the budget (or the budget is 0)."""
+    weight = layer.weight
+    key = (weight.data_ptr(), weight._version, id(weight.quant_state), dtype)
+    kept = _DECODED.get(layer)
+    if kept is not None:
+        if kept[0] == key:
+            return kept[1]
+        del _DECODED[layer]
+    size = layer.out_features * layer.in_features * dtype.itemsize
+    used = sum(t.numel() * t.element_size() for _, t in _DECODED.values())
+    if used + size > decoded_budget_bytes():
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        decoded = dequantize_nf4(nf4_of(layer), dtype)
+    _DECODED[layer] = (key, decoded)
+    return decoded
 
 
 @lru_cache(maxsize=None)

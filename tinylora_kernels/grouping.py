@@ -3,10 +3,11 @@
 At decode the k and v projections alone cost far less than a launch; launched with q they ride
 along. Grouping is decided once, when ``apply_tiny_lora`` adapts sibling layers of one parent;
 at call time it is used only where the router planned the fused kernel for every member, without
-autograd. The first member launches for the whole group and leaves each sibling its output,
-tagged with the input tensor itself (identity and version) and the sibling's adapter state; a
-sibling called with that same, unchanged input and adapter takes it, anything else computes
-afresh. Holding the input keeps its memory from being reused by another tensor meanwhile.
+autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`). The first member
+launches for the whole group and leaves each sibling its output, tagged with the input tensor
+itself (identity and version) and the model call; a sibling called in that same call with that
+same, unchanged input takes it, anything else computes afresh. Holding the input keeps its memory
+from being reused by another tensor meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import router
+from .adapter_state import current_call
 
 __all__ = ["SHARED_INPUT_GROUPS", "link_groups", "grouped_forward"]
 
@@ -48,17 +50,16 @@ def _groupable(members) -> bool:
     return len({kind(m) for m in members}) == 1
 
 
-def _adapter_state(layer):
-    return layer._constants_key(layer.global_params_ref.compute_view(layer.P.device))
-
-
 def grouped_forward(layer, x: torch.Tensor, plan) -> Optional[torch.Tensor]:
     """``layer(x)`` through its group's launch; None when the group cannot serve this call."""
+    call = current_call(layer.global_params_ref)
+    if call is None:
+        return None                 # outside a model call v may change between the siblings
     group = layer.__dict__["_group_"]
     stash = layer.__dict__.pop("_stash_", None)
     if stash is not None:
-        x_ref, version, state, out = stash
-        if x_ref is x and version == x._version and state == _adapter_state(layer):
+        x_ref, version, call_ref, out = stash
+        if x_ref is x and version == x._version and call_ref is call:
             return out
     if group[0] is not layer:
         return None
@@ -73,5 +74,5 @@ def grouped_forward(layer, x: torch.Tensor, plan) -> Optional[torch.Tensor]:
         [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in group],
         out_dtype=plan.out_dtype, config=plan.config)
     for m, out in zip(group[1:], outs[1:]):
-        m.__dict__["_stash_"] = (x, x._version, _adapter_state(m), out)
+        m.__dict__["_stash_"] = (x, x._version, call, out)
     return outs[0]

@@ -21,6 +21,7 @@ import torch
 
 import torch.nn as nn
 
+from . import merge_state
 from .checkpoint import CheckpointError
 from .bnb import nf4_of
 from .layers import TARGET_SUFFIXES, TinyLoRAGlobalParams, TinyLoRALinear, tiny_lora_layers
@@ -96,38 +97,37 @@ def export_lora(model, out_dir: Union[str, os.PathLike], *, rank: Optional[int] 
 
 
 def merge_tiny_lora(model) -> int:
-    """Fold ΔW into every float base weight (computed in fp32, then cast); returns the count.
+    """Fold ΔW of the current v into every float base weight (fp32, then cast); returns the count.
 
-    After merging, the layers compute the base alone (changing v has no effect until
-    :func:`unmerge_tiny_lora`). 4-bit bases cannot hold ΔW: use :func:`export_merged`.
+    Each layer records the v it merged. While merged, the layers compute the base alone, and a
+    call after v changed raises :class:`~tinylora_kernels.merge_state.MergeError` instead of
+    answering with the old adapter; :func:`unmerge_tiny_lora` subtracts exactly what was added.
+    The record travels in the state dict, so a merged state dict is never merged twice. 4-bit
+    bases cannot hold ΔW: use :func:`export_merged`.
     """
     layers = _layers(model)
     quantized = [name for name, layer in layers if layer.is_quantized]
     if quantized:
         raise ValueError(f"cannot merge into 4-bit base weights ({quantized[0]} ...): use "
                          "export_merged(model, path) for a merged bf16 state dict")
-    count = 0
-    with torch.no_grad():
-        for _, layer in layers:
-            if getattr(layer, "merged", False):
-                continue
-            w = layer.base_layer.weight
-            w.copy_((w.float() + delta_weight(layer).to(w.device)).to(w.dtype))
-            layer.merged = True
-            count += 1
-    return count
+    todo = [layer for _, layer in layers if not layer.merged]
+    if not todo:
+        return 0
+    v = todo[0].global_params_ref.global_v.detach().clone()
+    if not torch.isfinite(v).all():
+        raise ValueError("global_v has non-finite entries; refusing to merge them")
+    for layer in todo:
+        merge_state.merge(layer, v)
+    return len(todo)
 
 
 def unmerge_tiny_lora(model) -> int:
-    """Subtract ΔW again (fp32, then cast): W is restored to within rounding; returns the count."""
+    """Subtract the ΔW each layer merged (of the v recorded at merge time, whatever v is now):
+    W is restored to within rounding; returns the count."""
     count = 0
-    with torch.no_grad():
-        for _, layer in _layers(model):
-            if not getattr(layer, "merged", False):
-                continue
-            w = layer.base_layer.weight
-            w.copy_((w.float() - delta_weight(layer).to(w.device)).to(w.dtype))
-            layer.merged = False
+    for _, layer in _layers(model):
+        if layer.merged:
+            merge_state.unmerge(layer)
             count += 1
     return count
 
@@ -161,7 +161,8 @@ def export_merged(model, path: Union[str, os.PathLike], *,
             base = layer.base_layer
             w = (dequantize_nf4(nf4_of(base), torch.float32) if layer.is_quantized
                  else base.weight.detach().float())
-            if getattr(layer, "merged", False):
+            if layer.merged:
+                merge_state.check_current(layer)
                 merged = w
             else:
                 merged = w + delta_weight(layer).to(w.device)

@@ -13,16 +13,14 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import backend, router
+from . import adapter_state, backend, merge_state, router
 from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
                   linear4bit_forward, nf4_of, restore_canonical_layout)
 from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
 from .grouping import grouped_forward, link_groups
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
-                         LayerConstants, acc_dtype, layer_adapter, no_autocast, projection_matrix,
-                         r_from)
+                         LayerConstants, acc_dtype, layer_adapter, r_from)
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +29,6 @@ __all__ = ["TARGET_SUFFIXES", "TinyLoRAGlobalParams", "TinyLoRALinear", "apply_t
 
 #: Child names (suffixes) that ``apply_tiny_lora`` replaces, as in the users' program.
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-#: Counts optimizer steps, process-wide (torch.optim's global step hook). Fused optimizers update
-#: parameters without bumping their version counters, so every cache that depends on v keys on
-#: this too: an optimizer step always refreshes what was built from the old v.
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(optimizer, args, kwargs):
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def v_state(v: torch.Tensor) -> tuple:
-    """What identifies the current values of v: its storage, its version and the optimizer step
-    count. (A write through ``v.data`` changes none of them: assign through ``v.copy_`` under
-    ``torch.no_grad()``, as optimizers and ``load_tiny_lora`` do.)"""
-    return (v.data_ptr(), v._version, _OPTIMIZER_STEPS[0])
-
 
 #: Every buffer of a TinyLoRA layer is stored in bf16: the function the users trained is fixed by
 #: these bf16 values, so dtype conversions of the model (``.half()``, ``.float()``) leave them be.
@@ -76,28 +54,9 @@ class TinyLoRAGlobalParams(nn.Module):
         return self.global_v
 
     def compute_view(self, device) -> torch.Tensor:
-        """v in fp32 (float64 for float64 v) on ``device``, one tensor per version of v.
-
-        Every layer builds its R from this same tensor, so autograd sums the layers' gradients
-        of v in fp32 and rounds once to v's dtype, instead of adding 252 bf16 gradients in bf16.
-        """
-        v = self.global_v
-        acc = acc_dtype(v.dtype)
-        if torch.compiler.is_compiling():
-            return v.to(device=device, dtype=acc)    # traced once per graph: no cache needed
-        key = (*v_state(v), torch.is_grad_enabled(), torch.device(device))
-        cached = self._view_cache.get(v, key)
-        if cached is None:
-            cached = v.to(device=device, dtype=acc)
-            self._view_cache.put(v, key, cached)
-        return cached
-
-    @property
-    def _view_cache(self):
-        cache = self.__dict__.get("_view_cache_")
-        if cache is None:
-            cache = self.__dict__["_view_cache_"] = _ViewCache()
-        return cache
+        """v in fp32 (float64 for float64 v) on ``device``, from v's values now: one tensor per
+        model call, read by every layer (see :mod:`tinylora_kernels.adapter_state`)."""
+        return adapter_state.v_view(self, device)
 
     def _apply(self, fn, recurse=True):
         old = self.global_v.data
@@ -105,27 +64,6 @@ class TinyLoRAGlobalParams(nn.Module):
         if self.global_v.dtype != old.dtype:
             self.global_v.data = old.to(self.global_v.device)
         return self
-
-
-class _ViewCache:
-    """One cached view of v; never copied (a copy of a model starts with an empty cache)."""
-
-    def __init__(self):
-        self.entry = None
-
-    def get(self, v, key):
-        if self.entry is not None and self.entry[0] is v and self.entry[1] == key:
-            return self.entry[2]
-        return None
-
-    def put(self, v, key, view):
-        self.entry = (v, key, view)
-
-    def __deepcopy__(self, memo):
-        return _ViewCache()
-
-    def __getstate__(self):
-        return {"entry": None}
 
 
 class TinyLoRALinear(nn.Module):
@@ -253,80 +191,21 @@ class TinyLoRALinear(nn.Module):
         for p in original_layer.parameters():
             p.requires_grad_(False)
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
-        self.merged = False                 # ΔW folded into the base weight (interop.merge_...)
+        self.merged = False                 # ΔW folded into the base weight (merge_state.py)
+        self.merged_v: Optional[torch.Tensor] = None    # the v whose ΔW was folded in
         self.backend: Optional[str] = None  # per-model backend (backend.set_backend)
         self.layer_name: Optional[str] = None   # qualified name, set by apply_tiny_lora
 
-    # -- the factors -------------------------------------------------------------------------
+    # -- the factors (kept: the frozen buffers' constants; per call: R; adapter_state.py) -----
     def adapter_factors(self) -> AdapterFactors:
-        """A = Vh, B = U diag(S), R from v and P (computed in fp32, or float64 for float64 v).
-
-        Without autograd (inference, generation) the result is reused until v or a buffer
-        changes: a decode step then costs no extra launches to rebuild B and R.
-        """
-        v = self.global_params_ref.compute_view(self.P.device)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._factors_from(v)
-        # v itself when it is already fp32 on this device: its version must be in the key too
-        key = self._constants_key(v)
-        cached = self.__dict__.get("_factors_")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_factors_"] = (key, self._factors_from(v))
-        return cached[1]
-
-    def _constants_key(self, v):
-        """What the adapter's values depend on: v and the buffers, each by storage and version
-        (an in-place update, an optimizer step or a reassignment all change it)."""
-        return (*v_state(v), *self._buffers_key())
-
-    def _buffers_key(self) -> tuple:
-        b = self._buffers
-        U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
-        return (U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(), Vh._version,
-                P.data_ptr(), P._version)
-
-    def _factors_from(self, v: torch.Tensor) -> AdapterFactors:
-        R = projection_matrix(v, self.P, self.projection)
-        return AdapterFactors(A=self.Vh, B=self._constants(v.dtype).b, R=R)
+        """A = Vh, B = U diag(S), and R from v's values now (fp32; float64 for float64 v)."""
+        acc = acc_dtype(self.global_params_ref.global_v.dtype)
+        return AdapterFactors(A=self.Vh, B=self._constants(acc).b,
+                              R=adapter_state.layer_R(self, acc))
 
     def _constants(self, acc: torch.dtype) -> LayerConstants:
-        """The :class:`~tinylora_kernels.torch_path.LayerConstants` in ``acc``: what the torch
-        path needs besides x and v, kept until a buffer changes."""
-        if torch.compiler.is_compiling():
-            return self._build_constants(acc)      # traced once per graph: no cache needed
-        key = (acc, *self._buffers_key())
-        cached = self.__dict__.get("_consts_")
-        if cached is None or cached[0] != key:
-            # kept across calls: never inference tensors (autograd may save them later), even
-            # when the first call runs under torch.inference_mode (generation); leaving that
-            # mode turns autograd back on, hence no_grad inside it
-            with torch.inference_mode(False), torch.no_grad():
-                cached = self.__dict__["_consts_"] = (key, self._build_constants(acc))
-        return cached[1]
-
-    def _build_constants(self, acc: torch.dtype) -> LayerConstants:
-        b = self._buffers
-        with no_autocast(b["U"].device.type):
-            s = b["S"].to(acc)
-            B = b["U"].to(acc) @ s if s.dim() == 2 else b["U"].to(acc) * s
-        a = b["Vh"].to(acc)
-        p = b["P"].to(acc).reshape(b["P"].shape[0], -1)
-        pt = p.t().contiguous()
-        return LayerConstants(a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt)
-
-    def _inference_operands(self, acc: torch.dtype):
-        """(Aᵀ Rᵀ, Bᵀ) in ``acc`` for the no-grad torch path, kept until v or a buffer changes;
-        R formed exactly as :func:`~tinylora_kernels.torch_path.layer_adapter` forms it."""
-        consts = self._constants(acc)
-        at, bt, pt = consts.at, consts.bt, consts.pt
-        key = (*v_state(self.global_params_ref.global_v), id(consts))
-        cached = self.__dict__.get("_operands_")
-        if cached is None or cached[0] != key:
-            vv = self.global_params_ref.compute_view(pt.device)
-            with no_autocast(pt.device.type), torch.inference_mode(False), torch.no_grad():
-                rat = at @ r_from(vv.to(acc), pt, self.projection).t()
-            cached = self.__dict__["_operands_"] = (key, rat, bt)
-        return cached[1], cached[2]
+        """What the torch path needs besides x and v, kept until a buffer changes."""
+        return adapter_state.layer_constants(self, acc)
 
     def kernel_weight(self):
         """The base weight as the kernels read it: an NF4Weight view (kept while the storage is
@@ -347,7 +226,7 @@ class TinyLoRALinear(nn.Module):
         """``base(x) + U diag(S) R Vh x`` by the path the router plans for this call."""
         compute_dtype, out_dtype = self._dtypes(x)
         in_features = self._modules["base_layer"].in_features
-        if x.shape[-1] != in_features:
+        if x.dim() == 0 or x.shape[-1] != in_features:
             raise ValueError(f"{self._label()}: expects inputs with in_features={in_features} "
                              f"in the last dimension, got an input of shape {tuple(x.shape)}")
         plan = router.plan(self, x, compute_dtype, out_dtype)
@@ -365,8 +244,10 @@ class TinyLoRALinear(nn.Module):
                                             or base.requires_grad):
                 return layer_adapter(base, x, gp.compute_view(self._buffers["P"].device),
                                      self._constants(acc), self.projection, out_dtype)
-            return add_adapter_inference(base, x, *self._inference_operands(acc), out_dtype)
+            rat, bt = adapter_state.inference_operands(self, acc)
+            return add_adapter_inference(base, x, rat, bt, out_dtype)
         if plan.path == "merged":
+            merge_state.check_current(self)
             return self._base_forward(x, compute_dtype).to(out_dtype)
         self._check_storage()
         if plan.path == "fused" and "_group_" in self.__dict__ and not (
@@ -424,7 +305,32 @@ class TinyLoRALinear(nn.Module):
                             "base layer; restored the NF4 layout (the block scales stay rounded "
                             "to bf16, as that forward left them)", self._label())
 
-    # -- dtype and device conversions keep the bf16 buffers; they invalidate the caches ---------
+    # -- state dict: the merge record and P's origin travel as extra state (merge_state.py) ----
+    def get_extra_state(self) -> torch.Tensor:
+        return merge_state.extra_state(self)
+
+    def set_extra_state(self, state) -> None:
+        merge_state.set_extra_state(self, state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        before = (self.merged, self.merged_v, self.p_seed, self.rng_scheme)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key, weight_key = prefix + "_extra_state", prefix + "base_layer.weight"
+        if key in missing_keys:         # written before the field existed: not merged
+            missing_keys.remove(key)
+            if weight_key in state_dict:
+                merge_state.set_extra_state(self, None)
+        if weight_key not in state_dict and self.merged != before[0]:
+            # the merge record would no longer describe the weight this layer keeps
+            self.merged, self.merged_v, self.p_seed, self.rng_scheme = before
+            error_msgs.append(f"{self._label()}: the state dict says merged={not before[0]} "
+                              f"but holds no base weight, while this layer's weight is "
+                              f"{'merged' if before[0] else 'not merged'}")
+        self._drop_kept()
+
+    # -- dtype and device conversions keep the bf16 buffers ----------------------------------
     def _apply(self, fn, recurse=True):
         own = {name: buf for name, buf in self._buffers.items() if buf is not None}
         super()._apply(fn, recurse)
@@ -433,10 +339,13 @@ class TinyLoRALinear(nn.Module):
             if new.dtype != old.dtype:
                 # a dtype cast (.half(), .float(), .to(dtype)): keep the values, follow the device
                 self._buffers[name] = old.to(new.device)
-        for cache in ("_plans_", "_m_edges_", "_factors_", "_operands_", "_nf4_view_", "_stash_",
-                      "_consts_"):
-            self.__dict__.pop(cache, None)
+        self._drop_kept()
         return self
+
+    def _drop_kept(self):
+        """Forget everything kept across calls (all of it depends on buffers and storage)."""
+        for kept in ("_plans_", "_m_edges_", "_nf4_view_", "_stash_", "_consts_"):
+            self.__dict__.pop(kept, None)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, u={self.u}, projection={self.projection!r}, "
@@ -516,7 +425,10 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
             raise ValueError(f"this model is already adapted: it holds {len(adapted)} "
                              f"TinyLoRALinear layers (e.g. {adapted[0][0]!r}); apply_tiny_lora "
                              "adapts a model once (load a fresh model to start over)")
-        log.warning("apply_tiny_lora found no layer named %s to replace", "/".join(TARGET_SUFFIXES))
+        raise ValueError(f"apply_tiny_lora found no layer to replace: no nn.Linear or "
+                         f"bitsandbytes Linear4bit child named *{'/'.join(TARGET_SUFFIXES)} "
+                         f"(lm_head excluded) in this {type(model).__name__}; the model is "
+                         "left as it was")
     if factor_cache is not None and not isinstance(factor_cache, FactorCache):
         factor_cache = FactorCache(factor_cache)
     seed = torch.initial_seed() if rng_seed is None else rng_seed
@@ -547,6 +459,7 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
 
     if attached is None:
         model.tiny_lora_params = global_params_ref
+    adapter_state.install_call_hooks(model, global_params_ref)
     for parent, name, layer in built:
         setattr(parent, name, layer)
     link_groups([layer for _, _, layer in built], [id(parent) for parent, _, _ in built],

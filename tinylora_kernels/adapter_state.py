@@ -1,0 +1,298 @@
+"""Where a TinyLoRA adapter's state lives: what is kept, and what is computed in every call.
+
+Two kinds of state, and no third:
+
+* **Kept across calls: what depends on the frozen buffers alone.** Per layer and accumulation
+  dtype, :class:`~tinylora_kernels.torch_path.LayerConstants` (Aᵀ, B = U diag(S), Bᵀ, P reshaped),
+  built by :func:`layer_constants`. They are rebuilt when a buffer is reassigned or written
+  (``load_state_dict`` writes in place: the key holds each buffer's storage and version), and
+  dropped when the layer moves or changes dtype. Per model, the same constants stacked by shape
+  (:class:`_Roster`), so that every layer's R comes from one product.
+
+* **Computed in every call: everything derived from v.** The fp32 view of v, each layer's
+  R = Σ v_i P_i, Aᵀ Rᵀ (the torch path's folded operand) and R for the kernels (which form B R).
+  Nothing decides by v's pointer, version counter or an optimizer-step count whether v changed:
+  these values are recomputed from v's memory each time, so v may be written any way at all
+  (``v.data.copy_``, ``v.data[0] += 1``, ``.data =``, ``set_``, a fused optimizer, a broadcast).
+
+A *model call* is one call of a model that ``apply_tiny_lora`` adapted: its forward pre-hook opens
+an :class:`AdapterCall` on the model's :class:`~tinylora_kernels.layers.TinyLoRAGlobalParams` (per
+thread) and its always-called forward hook closes it. Within the call every layer reads the same
+state, computed once, at the first layer that needs it, for all layers at once (one matrix-vector
+product of the stacked P's with v and one batched product per group of equal input width). A
+layer called outside a model call computes its own. v must not be written *during* a model call
+(no training loop does).
+
+Under ``torch.compile`` nothing is kept: each layer reads v in the graph, so a compiled (or
+CUDA-graph-captured) step replayed after an optimizer step uses the new v, with no host sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .torch_path import LayerConstants, acc_dtype, no_autocast, r_from
+
+__all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
+           "layer_R", "inference_operands", "install_call_hooks", "model_call"]
+
+
+class _Calls(threading.local):
+    """The open model calls of one TinyLoRAGlobalParams, per thread (never copied or pickled:
+    a copy of a model starts with none open)."""
+
+    def __init__(self):
+        self.depth = 0
+        self.call: Optional[AdapterCall] = None
+
+    def __deepcopy__(self, memo):
+        return _Calls()
+
+    def __reduce__(self):
+        return (_Calls, ())
+
+
+class AdapterCall:
+    """The adapter state of one model call: v's views, every layer's R and Aᵀ Rᵀ, filled on first
+    use in the call and dropped when it ends."""
+
+    __slots__ = ("gp", "views", "batches", "merged_v_checked")
+
+    def __init__(self, gp):
+        self.gp = gp
+        self.views: Dict[tuple, torch.Tensor] = {}
+        self.batches: Dict[tuple, Dict[int, tuple]] = {}
+        self.merged_v_checked = False
+
+
+def _calls(gp) -> _Calls:
+    calls = gp.__dict__.get("_calls_")
+    if calls is None:
+        calls = gp.__dict__["_calls_"] = _Calls()
+    return calls
+
+
+def enter_call(model, args=None) -> None:
+    """Forward pre-hook of an adapted model: open its adapter state (nested calls share one)."""
+    gp = model.__dict__.get("_tinylora_gp_")
+    if gp is None or torch.compiler.is_compiling():
+        return
+    calls = _calls(gp)
+    if calls.depth == 0:
+        calls.call = AdapterCall(gp)
+    calls.depth += 1
+
+
+def exit_call(model, args=None, output=None) -> None:
+    """Forward hook (always called, errors included): close the state opened by :func:`enter_call`."""
+    gp = model.__dict__.get("_tinylora_gp_")
+    if gp is None or torch.compiler.is_compiling():
+        return
+    calls = _calls(gp)
+    if calls.depth > 0:
+        calls.depth -= 1
+        if calls.depth == 0:
+            calls.call = None
+
+
+@contextlib.contextmanager
+def model_call(model):
+    """One model call's adapter state around the block, for code that calls an adapted model's
+    layers one by one instead of calling the model."""
+    enter_call(model)
+    try:
+        yield
+    finally:
+        exit_call(model)
+
+
+def install_call_hooks(model, gp) -> None:
+    """Open and close ``gp``'s adapter state around every call of ``model`` (hooks once per
+    model; ``gp`` kept as a plain attribute, so copies of the model follow their own copy)."""
+    model.__dict__["_tinylora_gp_"] = gp
+    for hook in model._forward_pre_hooks.values():
+        if hook is enter_call:
+            return
+    model.register_forward_pre_hook(enter_call)
+    model.register_forward_hook(exit_call, always_call=True)
+
+
+def current_call(gp) -> Optional[AdapterCall]:
+    """The open model call of ``gp`` in this thread, if any (never while compiling)."""
+    if torch.compiler.is_compiling():
+        return None
+    calls = gp.__dict__.get("_calls_")
+    return None if calls is None else calls.call
+
+
+def v_view(gp, device) -> torch.Tensor:
+    """v in its accumulation dtype (fp32, float64 for float64 v) on ``device``, from v's values now.
+
+    Within a model call every layer gets the same tensor (autograd then sums the layers'
+    gradients of v in fp32 and rounds once); outside one, a fresh one per call.
+    """
+    v = gp.global_v
+    acc = acc_dtype(v.dtype)
+    call = current_call(gp)
+    if call is None:
+        return v.to(device=device, dtype=acc)
+    key = (device, torch.is_grad_enabled())
+    view = call.views.get(key)
+    if view is None:
+        # a copy even when v is already fp32 here: the call must not see later writes to v
+        view = call.views[key] = v.to(device=device, dtype=acc, copy=True)
+    return view
+
+
+# -- kept: constants of the frozen buffers ----------------------------------------------------------
+def _buffers_key(layer) -> tuple:
+    b = layer._buffers
+    return tuple(x for name in ("U", "S", "Vh", "P")
+                 for x in (id(b[name]), b[name].data_ptr(), b[name]._version))
+
+
+def layer_constants(layer, acc: torch.dtype) -> LayerConstants:
+    """The layer's :class:`LayerConstants` in ``acc``, kept until a buffer is reassigned, written
+    or moved (never inference tensors: autograd may save them in a later training step)."""
+    if torch.compiler.is_compiling():
+        return _build_constants(layer, acc)
+    key = (acc, *_buffers_key(layer))
+    kept = layer.__dict__.get("_consts_")
+    if kept is None or kept[0] != key:
+        # inference_mode(False) and no_grad: leaving inference mode turns autograd back on
+        with torch.inference_mode(False), torch.no_grad():
+            kept = layer.__dict__["_consts_"] = (key, _build_constants(layer, acc))
+    return kept[1]
+
+
+def _build_constants(layer, acc: torch.dtype) -> LayerConstants:
+    b = layer._buffers
+    with no_autocast(b["U"].device.type):
+        s = b["S"].to(acc)
+        B = b["U"].to(acc) @ s if s.dim() == 2 else b["U"].to(acc) * s
+    a = b["Vh"].to(acc)
+    p = b["P"].to(acc).reshape(b["P"].shape[0], -1)
+    pt = p.t().contiguous()
+    return LayerConstants(a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt)
+
+
+# -- per call: R and Aᵀ Rᵀ --------------------------------------------------------------------------
+def layer_R(layer, acc: torch.dtype) -> torch.Tensor:
+    """This layer's R (r x r, in ``acc``) from v's values now (differentiable in v)."""
+    call = current_call(layer.global_params_ref)
+    if call is not None and not torch.is_grad_enabled():
+        got = _from_batch(layer, call, acc)
+        if got is not None:
+            return got[0]
+    c = layer_constants(layer, acc)
+    v = v_view(layer.global_params_ref, c.pt.device).to(acc)
+    with no_autocast(c.pt.device.type):
+        return r_from(v, c.pt, layer.projection)
+
+
+def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Aᵀ Rᵀ, Bᵀ) in ``acc`` for the no-grad torch path, R from v's values now."""
+    call = current_call(layer.global_params_ref)
+    if call is not None:
+        got = _from_batch(layer, call, acc)
+        if got is not None:
+            return got[1], got[2]
+    c = layer_constants(layer, acc)
+    v = v_view(layer.global_params_ref, c.pt.device).to(acc)
+    with no_autocast(c.pt.device.type), torch.inference_mode(False), torch.no_grad():
+        return c.at @ r_from(v, c.pt, layer.projection).t(), c.bt
+
+
+class _Roster:
+    """The adapted layers of one TinyLoRAGlobalParams seen in model calls, with their constants
+    stacked by (device, rank, K): what one product per group needs. Kept across calls (frozen
+    buffers only); rebuilt when a layer joins or a member's constants were rebuilt."""
+
+    def __init__(self):
+        self.layers: List[weakref.ref] = []
+        self.known: set = set()
+        self.groups: Optional[list] = None
+
+    def add(self, layer) -> None:
+        if id(layer) not in self.known:
+            self.known.add(id(layer))
+            self.layers.append(weakref.ref(layer))
+            self.groups = None
+
+    def __deepcopy__(self, memo):
+        return _Roster()
+
+    def __reduce__(self):
+        return (_Roster, ())
+
+
+def _roster(gp) -> _Roster:
+    roster = gp.__dict__.get("_roster_")
+    if roster is None:
+        roster = gp.__dict__["_roster_"] = _Roster()
+    return roster
+
+
+def _full_pt(layer, c: LayerConstants) -> torch.Tensor:
+    """P as (r*r, u) whatever the projection: ``diagonal`` P becomes diag-embedded (the zeros add
+    exactly nothing), so one stacked product serves both."""
+    if layer.projection == "full":
+        return c.pt
+    r = layer.rank
+    return torch.diag_embed(c.p).reshape(c.p.shape[0], r * r).t()
+
+
+def _build_groups(roster: _Roster, acc: torch.dtype):
+    layers = [ref() for ref in roster.layers]
+    layers = [m for m in layers if m is not None]
+    by_key: Dict[tuple, list] = {}
+    for m in layers:
+        c = layer_constants(m, acc)
+        by_key.setdefault((c.at.device, m.rank, c.at.shape[0]), []).append((m, c))
+    groups = []
+    with torch.inference_mode(False), torch.no_grad():
+        for (device, r, _), members in by_key.items():
+            pt = torch.cat([_full_pt(m, c) for m, c in members], 0)          # (G r r, u)
+            at = torch.stack([c.at for _, c in members], 0)                 # (G, K, r)
+            groups.append((device, r, members, pt, at))
+    return groups
+
+
+def _from_batch(layer, call: AdapterCall, acc: torch.dtype):
+    """(R, Aᵀ Rᵀ, Bᵀ) of ``layer`` from this call's batch (computed for all known layers at the
+    first request); None when the layer is not in it (it then joins for the next call)."""
+    batch = call.batches.get(acc)
+    if batch is None:
+        batch = call.batches[acc] = _compute_batch(call.gp, acc)
+    got = batch.get(id(layer))
+    c = layer_constants(layer, acc)
+    if got is None or got[3] is not c:
+        roster = _roster(call.gp)
+        roster.add(layer)
+        if got is not None:
+            roster.groups = None        # its constants were rebuilt: restack next call
+        return None
+    return got
+
+
+def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
+    roster = _roster(gp)
+    if not roster.layers:
+        return {}
+    if roster.groups is None or roster.groups[0] != acc:
+        roster.groups = (acc, _build_groups(roster, acc))
+    out: Dict[int, tuple] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for device, r, members, pt, at in roster.groups[1]:
+            with no_autocast(device.type):
+                v = v_view(gp, device).to(acc)
+                R = torch.mv(pt, v).view(len(members), r, r)               # every R at once
+                rat = torch.bmm(at, R.transpose(1, 2))                     # every Aᵀ Rᵀ at once
+            for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
+                out[id(m)] = (Ri, rati, c.bt, c)
+    return out
