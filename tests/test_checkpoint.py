@@ -261,10 +261,11 @@ def test_save_refuses_wrong_seed_and_leaves_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny_lora_v.pt"]
 
 
-def test_save_warns_when_seed_cannot_be_verified(tmp_path):
+def test_save_refuses_a_seed_that_does_not_redraw_p(tmp_path):
     model = tiny_qwen2(quantized=False)
     torch.manual_seed(3)
     torch.randn(1)   # the RNG moved on since the seed: P is not reproducible from it
     apply_tiny_lora(model, TinyLoRAGlobalParams(u_dim=4), progress=False)
-    with pytest.warns(UserWarning, match="not freshly seeded"):
+    with pytest.raises(ValueError, match="not freshly seeded"):
         save_tiny_lora(model, tmp_path / "x.pt", seed=3, model_id="x")
+    assert not list(tmp_path.iterdir())

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .factors import RNG_SCHEMES, SVD_METHODS, p_scale
+from .factors import RNG_SCHEMES, SVD_METHODS, draw_projections, p_scale
 from .layers import TinyLoRAGlobalParams, apply_tiny_lora, find_targets, tiny_lora_layers
 from .torch_path import PROJECTIONS
 
@@ -204,13 +204,65 @@ def _model_layers(model: nn.Module):
     return layers
 
 
+def _redraw(layers, seed: int, device_type: Optional[str] = None):
+    """The P each layer would hold had it been adapted after ``seed`` (its RNG scheme), drawn
+    inside a forked RNG; None when that cannot be redrawn here (no such device)."""
+    first = layers[0]
+    if first.rng_scheme == "per_layer":
+        return [draw_projections(m.u, m.rank, m.projection, m.P.device,
+                                 torch.Generator(device="cpu").manual_seed(seed + i))
+                for i, m in enumerate(layers)]
+    dev = torch.device(device_type or first.p_device_type)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return None
+    if dev.type not in ("cpu", "cuda"):
+        return None
+    # each layer drew on its own device's generator (several GPUs: several generators)
+    devices = [m.P.device if m.P.device.type == dev.type else dev for m in layers]
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return [draw_projections(m.u, m.rank, m.projection, d) for m, d in zip(layers, devices)]
+
+
+def _draws_match(layers, seed: int) -> Optional[bool]:
+    drawn = _redraw(layers, seed)
+    if drawn is None:
+        return None
+    return all(torch.equal(p.to(m.P.device), m.P) for p, m in zip(drawn, layers))
+
+
+def _check_projections(layers, seed: int) -> None:
+    """Refuse to save when ``seed`` does not redraw exactly the P the layers hold (one draw of
+    u r r numbers per layer); name the seed that does, when one the layers recorded fits."""
+    ok = _draws_match(layers, seed)
+    if ok is None:
+        warnings.warn(f"P was drawn on {layers[0].p_device_type}, which this process does not "
+                      "have: the saved seed is not checked against the layers' projections",
+                      stacklevel=3)
+        return
+    if ok:
+        return
+    recorded = sorted({m.p_seed for m in layers if m.p_seed is not None and m.p_seed != seed})
+    fits = [s for s in recorded if _draws_match(layers, s)]
+    hint = (f"they were drawn after torch.manual_seed({fits[0]}): pass seed={fits[0]}" if fits else
+            "no seed these layers recorded reproduces them either (e.g. the global RNG was not "
+            "freshly seeded right before apply_tiny_lora: call torch.manual_seed(seed) first, "
+            "or use apply_tiny_lora(..., rng_seed=seed))")
+    raise ValueError(f"seed={seed} does not reproduce the projections P this model holds "
+                     f"(RNG scheme {layers[0].rng_scheme!r}, projection "
+                     f"{layers[0].projection!r}): the file would restore a different adapter; "
+                     f"{hint}")
+
+
 def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int,
                    model_id: str) -> None:
     """Write ``tiny_lora_v.pt``: the users' keys plus what makes reconstruction unambiguous.
 
     ``seed`` is the value given to ``torch.manual_seed`` before ``apply_tiny_lora`` (or its
-    ``rng_seed``). When the layers know which seed drew their P, a different ``seed`` is an error:
-    that file would restore a different model. The write is atomic: an existing file is replaced
+    ``rng_seed``). Before writing, P is redrawn from ``seed`` (one small draw per layer) and
+    compared with the P the layers hold: a mismatch is an error naming the seed that fits, since
+    that file would restore a different adapter. The write is atomic: an existing file is replaced
     only by a complete new one.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -231,15 +283,7 @@ def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int
             raise ValueError(f"the model's TinyLoRA layers disagree on {attr}: {sorted(values)}")
     if any(m.global_params_ref is not params for m in layers):
         raise ValueError("the model's TinyLoRA layers do not share one v; this format holds one")
-    seeds = {m.p_seed for m in layers}
-    if seeds == {None}:
-        warnings.warn("P was drawn from a global RNG that was not freshly seeded "
-                      "(torch.manual_seed(seed) right before apply_tiny_lora); the seed saved "
-                      "may not reproduce these projections", stacklevel=2)
-    elif len(seeds) == 1 and seed not in seeds:
-        raise ValueError(f"seed={seed}, but this model's projections P were drawn after "
-                         f"torch.manual_seed({seeds.pop()}); the file would restore a different "
-                         "adapter")
+    _check_projections(layers, seed)
     v = params.global_v.detach()
     if not torch.isfinite(v).all():
         raise ValueError("global_v has non-finite entries; refusing to save it")
@@ -371,6 +415,11 @@ def _load_into_adapted(model, ck: TinyLoRACheckpoint, proj: str, v: torch.Tensor
     if mismatch:
         raise CheckpointError(f"{ck.path}: the model is already adapted differently from this "
                               f"checkpoint ({'; '.join(mismatch)}); load it into a fresh model")
+    merged = [m for m in layers if m.merged]
+    if merged:
+        raise CheckpointError(f"{ck.path}: {merged[0]._label()} (and {len(merged) - 1} more) "
+                              "hold ΔW merged into their base weights; unmerge_tiny_lora(model) "
+                              "before loading another v (the model is left as it was)")
     params = first.global_params_ref
     with torch.no_grad():
         params.global_v.copy_(v.to(params.global_v.device, params.global_v.dtype))
