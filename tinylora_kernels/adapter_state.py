@@ -152,8 +152,9 @@ def v_view(gp, device) -> torch.Tensor:
 # -- kept: constants of the frozen buffers ----------------------------------------------------------
 def _buffers_key(layer) -> tuple:
     b = layer._buffers
-    return tuple(x for name in ("U", "S", "Vh", "P")
-                 for x in (id(b[name]), b[name].data_ptr(), b[name]._version))
+    U, S, Vh, P = b["U"], b["S"], b["Vh"], b["P"]
+    return (id(U), U.data_ptr(), U._version, id(S), S.data_ptr(), S._version,
+            id(Vh), Vh.data_ptr(), Vh._version, id(P), P.data_ptr(), P._version)
 
 
 def layer_constants(layer, acc: torch.dtype) -> LayerConstants:
@@ -204,7 +205,7 @@ def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Ten
             return got[1], got[2]
     c = layer_constants(layer, acc)
     v = v_view(layer.global_params_ref, c.pt.device).to(acc)
-    with no_autocast(c.pt.device.type), torch.inference_mode(False), torch.no_grad():
+    with no_autocast(c.pt.device.type):           # (values of this call only: never kept)
         return c.at @ r_from(v, c.pt, layer.projection).t(), c.bt
 
 
@@ -287,12 +288,11 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
     if roster.groups is None or roster.groups[0] != acc:
         roster.groups = (acc, _build_groups(roster, acc))
     out: Dict[int, tuple] = {}
-    with torch.inference_mode(False), torch.no_grad():
-        for device, r, members, pt, at in roster.groups[1]:
-            with no_autocast(device.type):
-                v = v_view(gp, device).to(acc)
-                R = torch.mv(pt, v).view(len(members), r, r)               # every R at once
-                rat = torch.bmm(at, R.transpose(1, 2))                     # every Aᵀ Rᵀ at once
-            for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
-                out[id(m)] = (Ri, rati, c.bt, c)
+    for device, r, members, pt, at in roster.groups[1]:     # (values of this call only)
+        with no_autocast(device.type):
+            v = v_view(gp, device).to(acc)
+            R = torch.mv(pt, v).view(len(members), r, r)                   # every R at once
+            rat = torch.bmm(at, R.transpose(1, 2))                         # every Aᵀ Rᵀ at once
+        for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
+            out[id(m)] = (Ri, rati, c.bt, c)
     return out

@@ -26,6 +26,7 @@ a GPU. The floor: max(bytes / copy bandwidth, FLOPs / matmul rate), both measure
 from __future__ import annotations
 
 import json
+import os
 import math
 import platform
 import statistics
@@ -568,11 +569,24 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     for case, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
                              ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
         row = {"bitsandbytes_ops": len(count_ops(bare))}
-        for name in backends:
-            with backend_mod.use_backend(name):
-                timed = _interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
-                ops = count_ops(ours)
-                row[f"{name}_plan"] = str(router.explain(layer, x))
+        variants = [(b, b, None) for b in backends]
+        if device == "cpu":
+            # the pure bookkeeping: the base product decoded per call, as bitsandbytes does
+            variants.append(("reference_no_decoded_copy", "reference", "0"))
+        for name, backend_name, decoded_mb in variants:
+            old = os.environ.get("TINYLORA_CPU_DECODED_MB")
+            if decoded_mb is not None:
+                os.environ["TINYLORA_CPU_DECODED_MB"] = decoded_mb
+            try:
+                with backend_mod.use_backend(backend_name):
+                    timed = _interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
+                    ops = count_ops(ours)
+                    row[f"{name}_plan"] = str(router.explain(layer, x))
+            finally:
+                if decoded_mb is not None and old is None:
+                    os.environ.pop("TINYLORA_CPU_DECODED_MB")
+                elif decoded_mb is not None:
+                    os.environ["TINYLORA_CPU_DECODED_MB"] = old
             row.setdefault("bitsandbytes", timed["bitsandbytes"])
             row[name] = timed[name]
             row[f"{name}_ops"] = len(ops)

@@ -162,6 +162,10 @@ def decoded_budget_bytes() -> int:
 def cpu_decoded_weight(layer, dtype: torch.dtype):
     """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while its storage is
     unchanged; None when it would not fit in the budget (or the budget is 0)."""
+    budget = decoded_budget_bytes()
+    if budget <= 0:
+        _DECODED.pop(layer, None)
+        return None
     weight = layer.weight
     key = (weight.data_ptr(), weight._version, id(weight.quant_state), dtype)
     kept = _DECODED.get(layer)
@@ -171,7 +175,7 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
         del _DECODED[layer]
     size = layer.out_features * layer.in_features * dtype.itemsize
     used = sum(t.numel() * t.element_size() for _, t in _DECODED.values())
-    if used + size > decoded_budget_bytes():
+    if used + size > budget:
         return None
     with torch.inference_mode(False), torch.no_grad():
         decoded = dequantize_nf4(nf4_of(layer), dtype)

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--host-cost", action="store_true",
                          help="time the per-call host cost of a tiny layer instead (on a GPU "
                          "also through the kernels)")
+    p_bench.add_argument("--generate", action="store_true",
+                         help="time eager generate of an 8-layer 4-bit tiny Qwen2 with and "
+                         "without the adapter instead (tokens per second)")
     return parser
 
 
@@ -313,6 +316,17 @@ def _bench(args) -> int:
         paths = bench.write_host_cost(data, out_dir, stem)
         print(bench.host_cost_markdown(data), end="")
         print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    if args.generate:
+        from .bench_generate import generate_cost, generate_cost_markdown
+
+        data = generate_cost(device=device, progress=lambda msg: print(msg, flush=True))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = _free_stem(out_dir, args.name or f"generate-{stamp}")
+        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        (out_dir / f"{stem}.md").write_text(generate_cost_markdown(data))
+        print(generate_cost_markdown(data), end="")
+        print(f"wrote {out_dir / stem}.json, .md")
         return 0
     cases = bench.default_cases(device, models=args.models, ms=args.m, modes=args.modes,
                                 layers=args.layers)

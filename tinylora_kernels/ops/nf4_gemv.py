@@ -84,7 +84,9 @@ def _nf4_gemv_kernel(
                             mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         for m in tl.static_range(M_PAD):
             x_row = x_ptr + m * stride_xm
-            mask_x = mask_k & (m < M)
+            # (the row test as a tensor of ke's shape: a scalar operand gives the mask a dtype
+            # that Triton 3.9's interpreter refuses)
+            mask_x = mask_k & ((ke * 0 + m) < M)
             x_even = tl.load(x_row + ke * stride_xk, mask=mask_x, other=0.0).to(tl.float32)
             x_odd = tl.load(x_row + (ke + 1) * stride_xk, mask=mask_x, other=0.0).to(tl.float32)
             per_byte = lev_even * x_even[None, :] + lev_odd * x_odd[None, :]

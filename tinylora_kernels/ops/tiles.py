@@ -77,13 +77,18 @@ def block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
                 BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """The fp32 scale of NF4 blocks ``blk``: absmax, or with double quantization
     ``code2[absmax[b]] * absmax2[b // BLOCKSIZE2] + offset``."""
+    # One return, after an if/else: Triton (3.6 at least) type-checks every return statement of
+    # a jit function, including one after an ``if DOUBLE_QUANT: return ...`` block, and a uint8
+    # absmax would then make the two disagree.
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         group_scale = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
         # multiply then add, separately rounded (the launch disables FMA contraction), as
         # bitsandbytes decodes it
-        return tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        scale = tl.load(code2_ptr + q) * group_scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    return scale
 
 
 @triton.jit
