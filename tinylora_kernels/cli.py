@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--host-cost", action="store_true",
                          help="time the per-call host cost of a tiny layer instead (on a GPU "
                          "also through the kernels)")
+    p_bench.add_argument("--compiled", action="store_true",
+                         help="instead of timing: compile what a Qwen2.5-Coder-3B decoder layer "
+                         "launches for Hopper (sm_90) and project it against the H200 roofline "
+                         "(no GPU needed; every figure projected, none measured)")
     p_bench.add_argument("--generate", action="store_true",
                          help="time eager generate of an 8-layer 4-bit tiny Qwen2 with and "
                          "without the adapter instead (tokens per second)")
@@ -316,6 +320,23 @@ def _bench(args) -> int:
         paths = bench.write_host_cost(data, out_dir, stem)
         print(bench.host_cost_markdown(data), end="")
         print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    if args.compiled:
+        import os
+
+        from .static_report import static_report, static_report_markdown
+
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            print("error: --compiled compiles the kernels; unset TRITON_INTERPRET",
+                  file=sys.stderr)
+            return 2
+        data = static_report(progress=lambda msg: print(msg, flush=True))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = _free_stem(out_dir, args.name or f"compiled-sm90-{stamp}")
+        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        (out_dir / f"{stem}.md").write_text(static_report_markdown(data))
+        print(static_report_markdown(data).split("\n\nPer launch")[0])
+        print(f"wrote {out_dir / stem}.json, .md")
         return 0
     if args.generate:
         from .bench_generate import generate_cost, generate_cost_markdown
