@@ -104,12 +104,15 @@ class GemvConfig:
 
 
 def gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:
-    """The GEMV's launch shape for an (N, K) weight. NOT YET MEASURED on a GPU: BN = 16 rows of
-    256 bytes (4 KB of NF4 in flight per program), and enough K slices that ~2 programs per SM
-    (132 on an H100/H200) are in flight, each slice at least 1024 weights long."""
+    """The GEMV's launch shape for an (N, K) weight. NOT YET MEASURED on a GPU; chosen from the
+    compiled SASS (``tinylora-kernels bench --compiled``, sm_90): BN = 32 rows of 128 bytes
+    (4 KB of NF4 per program and step) issues 0.22 warp-instructions per weight with 124
+    registers (4 programs of 4 warps per SM), against 0.24 at 16 x 256 (159 registers) and
+    0.20 at 64 x 256 with 8 warps (236 registers, 1 program per SM); enough K slices that ~2
+    programs per SM (132 on an H100/H200) are in flight, each slice at least 1024 weights long."""
     if interpreting():
         return GemvConfig(BN=16, BKH=32, split=1, num_warps=1)
-    bn, bkh = 16, 256
+    bn, bkh = 32, 128
     row_tiles = -(-n // bn)
     split = max(1, min(-(-2 * sms // row_tiles), k // 1024))
     return GemvConfig(BN=bn, BKH=bkh, split=split)

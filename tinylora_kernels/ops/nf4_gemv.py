@@ -4,10 +4,13 @@ Shaped for bandwidth rather than for tensor cores:
 
 * each program owns BN rows and one K slice (``SPLIT`` slices in all, so that small N — k/v —
   and long K — down — still put enough programs on the card); it streams BKH packed bytes per
-  row per step (the loads are contiguous along K: 16 bytes per lane);
-* the NF4 levels come from the 16-entry table (a gather, no compare tree); each 64-weight block
-  sums ``level x x`` first and multiplies by its scale once (``Σ_b s_b Σ_j l_j x_j``), fp32
-  throughout — the weight is never rounded to 16 bits, so this is at least as exact as decoding;
+  row per step as NB = BKH / 32 whole NF4 blocks, so masks are per block and each lane's bytes
+  load as one vector;
+* each byte gives both its levels by one gather from a 256-entry table of level pairs; each
+  64-weight block sums ``level x x`` first and multiplies by its scale once
+  (``Σ_b s_b Σ_j l_j x_j``), fp32 throughout — the weight is never rounded to 16 bits, so this
+  is at least as exact as decoding; the per-block sums stay in their block slot across steps
+  and are reduced once, after the loop;
 * the adapter is folded in: the same x slice gives this slice's share of ``A x`` (r numbers per
   row of x), which meets ``B R`` (N x r, fp32, one small product per call) in the
   same program — no extra launch, no extra pass over the output;
@@ -35,68 +38,88 @@ __all__ = ["nf4_gemv"]
 def _nf4_gemv_kernel(
     # pointers: input, partial sums (SPLIT, M, N) fp32 or the output, bias
     x_ptr, out_ptr, bias_ptr,
-    # pointers: the NF4 weight
-    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+    # pointers: the NF4 weight; pair_ptr: 256 int64, byte b -> (level[b >> 4], level[b & 15])
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pair_ptr,
     # pointers: the adapter, A (r, K) and BR = B R (N, r) fp32
     a_ptr, br_ptr,
-    # sizes; K_SLICE: weights per K slice (a multiple of 2 BKH)
-    M, N, K, K_SLICE,
+    # sizes; KH = K / 2 (bytes per row); K_SLICE: weights per K slice (a multiple of 2 BKH)
+    M, N, K, KH, K_SLICE,
     # strides
     stride_xm, stride_xk, stride_an, stride_ak,
     # meta-parameters
     BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """Rows pid_n*BN.., K slice pid_k: acc[n, m] = Σ_k W[n, k] x[m, k] (+ BR[n] · A x[m])."""
+    """Rows pid_n*BN.., K slice pid_k: acc[n, m] = Σ_k W[n, k] x[m, k] (+ BR[n] · A x[m]).
+
+    A step reads BKH bytes of each of BN rows as a (BN, NB, 32) tile: NB = BKH / 32 NF4 blocks
+    of 32 bytes (64 weights). Each byte gives both its levels by ONE gather from the 256-entry
+    pair table (8 bytes: the two fp32 levels side by side). Per block, Σ level x is reduced over
+    the block's 32 bytes and multiplied by the block's scale once; the (BN, NB) partial sums stay
+    per block slot across steps and are reduced once after the loop (no cross-thread reduction
+    in the loop). With ``EVEN_K`` (every slice a whole number of steps) the byte loads are masked
+    by row only, so each thread's 16 bytes load as one vector.
+    """
+    NB: tl.constexpr = BKH // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     mask_n = rn < N
     rn64 = rn.to(tl.int64)
-    rj = tl.arange(0, BKH)
+    rb = tl.arange(0, NB)
+    rj = tl.arange(0, 32)
     cols = tl.arange(0, M_PAD)
     rr = tl.arange(0, R_PAD)
     mask_r = rr < RANK
-    kh = K // 2
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(K, k_lo + K_SLICE)
+    # byte offsets of one step within the rows' K range: (NB, 32), and the x pairs: (NB, 32, 2)
+    step_bytes = rb[:, None] * 32 + rj[None, :]
+    xcol = (2 * step_bytes)[:, :, None] + tl.arange(0, 2)[None, None, :]
 
-    acc = tl.zeros((BN, M_PAD), dtype=tl.float32)
+    acc = tl.zeros((BN, NB, M_PAD), dtype=tl.float32)
     ax = tl.zeros((M_PAD, R_PAD), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, 2 * BKH):
-        ke = k0 + 2 * rj                               # the even column of each byte
-        mask_k = ke < k_hi
-        mask_w = mask_n[:, None] & mask_k[None, :]
-        byte = tl.load(packed_ptr + rn64[:, None] * kh + (k0 // 2 + rj)[None, :], mask=mask_w,
-                       other=0).to(tl.int32)
-        lev_even = tl.load(code_ptr + (byte >> 4))     # (BN, BKH): levels, unscaled
-        lev_odd = tl.load(code_ptr + (byte & 15))
-        rb = tl.arange(0, BKH // 32)                   # the 64-weight blocks of this step
+        # K slices and K are whole blocks: masks are per block (uniform over its 32 bytes, so
+        # each thread's bytes still load as one vector), and none at all with EVEN_K
+        if EVEN_K:
+            in_k = rb >= 0
+        else:
+            in_k = (k0 + 64 * rb) < k_hi                             # (NB,)
+        mask_b = mask_n[:, None] & in_k[None, :]                     # (BN, NB)
+        b_ptrs = packed_ptr + rn64[:, None, None] * KH + (k0 // 2 + step_bytes)[None, :, :]
+        byte = tl.load(b_ptrs, mask=mask_b[:, :, None], other=0)
+        pair = tl.load(pair_ptr + byte.to(tl.int32))                 # (BN, NB, 32) int64
+        lev_even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        lev_odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         blk = rn64[:, None] * (K // 64) + (k0 // 64 + rb)[None, :]
-        mask_b = mask_n[:, None] & ((k0 + 64 * rb) < k_hi)[None, :]
         scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask_b,
-                            BLOCKSIZE2, DOUBLE_QUANT)  # (BN, BKH/32): once per block
+                            BLOCKSIZE2, DOUBLE_QUANT)                # (BN, NB): once per block
+        kx = k0 + xcol                                               # (NB, 32, 2)
+        mask_kx = in_k[:, None, None] & (xcol >= 0)
         if HAS_ADAPTER:
-            a_even = tl.load(a_ptr + rr[:, None] * stride_an + ke[None, :] * stride_ak,
-                             mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            a_odd = tl.load(a_ptr + rr[:, None] * stride_an + (ke + 1)[None, :] * stride_ak,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            a_pairs = tl.load(a_ptr + rr[:, None, None, None] * stride_an
+                              + kx[None, :, :, :] * stride_ak,
+                              mask=mask_r[:, None, None, None] & mask_kx[None, :, :, :],
+                              other=0.0).to(tl.float32)              # (R_PAD, NB, 32, 2)
         for m in tl.static_range(M_PAD):
-            x_row = x_ptr + m * stride_xm
-            # (the row test as a tensor of ke's shape: a scalar operand gives the mask a dtype
+            # (the row test as a tensor of kx's shape: a scalar operand gives the mask a dtype
             # that Triton 3.9's interpreter refuses)
-            mask_x = mask_k & ((ke * 0 + m) < M)
-            x_even = tl.load(x_row + ke * stride_xk, mask=mask_x, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_row + (ke + 1) * stride_xk, mask=mask_x, other=0.0).to(tl.float32)
-            per_byte = lev_even * x_even[None, :] + lev_odd * x_odd[None, :]
-            per_block = tl.sum(tl.reshape(per_byte, (BN, BKH // 32, 32)), axis=2)
-            part = tl.sum(per_block * scale, axis=1)                  # (BN,)
-            acc += tl.where(cols[None, :] == m, part[:, None], 0.0)
+            mask_x = mask_kx & ((kx * 0 + m) < M)
+            xp = tl.load(x_ptr + m * stride_xm + kx * stride_xk, mask=mask_x,
+                         other=0.0).to(tl.float32)                   # (NB, 32, 2)
+            x_even, x_odd = tl.split(xp)
+            per_byte = lev_even * x_even[None, :, :] + lev_odd * x_odd[None, :, :]
+            per_block = tl.sum(per_byte, axis=2) * scale             # (BN, NB)
+            acc += tl.where(cols[None, None, :] == m, per_block[:, :, None], 0.0)
             if HAS_ADAPTER:
-                ax_m = tl.sum(a_even * x_even[None, :] + a_odd * x_odd[None, :], axis=1)
+                ax_m = tl.sum(tl.sum(tl.sum(a_pairs * xp[None, :, :, :], axis=3), axis=2),
+                              axis=1)                                # (R_PAD,)
                 ax += tl.where(cols[:, None] == m, ax_m[None, :], 0.0)
 
+    out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
     if HAS_ADAPTER:
         # this slice's share of (B R)(A x): BR (BN, r) against A x (M, r)
         br = tl.load(br_ptr + rn64[:, None] * RANK + rr[None, :],
@@ -104,16 +127,16 @@ def _nf4_gemv_kernel(
         for m in tl.static_range(M_PAD):
             ax_m = tl.sum(tl.where(cols[:, None] == m, ax, 0.0), axis=0)   # (R_PAD,)
             part = tl.sum(br * ax_m[None, :], axis=1)
-            acc += tl.where(cols[None, :] == m, part[:, None], 0.0)
+            out += tl.where(cols[None, :] == m, part[:, None], 0.0)
     mask_out = mask_n[:, None] & (cols < M)[None, :]
     if DIRECT:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + cols[None, :].to(tl.int64) * N + rn64[:, None],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+                 out.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:
         base = pid_k.to(tl.int64) * M * N
-        tl.store(out_ptr + base + cols[None, :].to(tl.int64) * N + rn64[:, None], acc,
+        tl.store(out_ptr + base + cols[None, :].to(tl.int64) * N + rn64[:, None], out,
                  mask=mask_out)
 
 
@@ -129,6 +152,28 @@ def _sum_slices_kernel(part_ptr, out_ptr, bias_ptr, MN, N, SPLIT: tl.constexpr,
     if HAS_BIAS:
         total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+#: code tensor -> its pair table; the levels are frozen with the weight (kept by identity)
+_PAIR_TABLES: dict = {}
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """The 256-entry table the GEMV gathers from: entry b holds (code[b >> 4], code[b & 15]) as
+    two fp32 side by side, read as one int64 (little-endian: the even column's level is the low
+    word). One table per code tensor (the 16 levels are fixed for a quantized weight)."""
+    key = (code.data_ptr(), code.device, code._version)
+    kept = _PAIR_TABLES.get(key)
+    if kept is not None and kept[0] is code:     # (holding code: its address is not reused)
+        return kept[1]
+    byte = torch.arange(256, device=code.device)
+    levels = code.float()
+    table = torch.stack((levels[byte >> 4], levels[byte & 15]), 1).contiguous()
+    table = table.view(torch.int64).reshape(256)
+    if len(_PAIR_TABLES) > 64:
+        _PAIR_TABLES.clear()
+    _PAIR_TABLES[key] = (code, table)
+    return table
 
 
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
@@ -163,15 +208,15 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     packed, absmax, absmax2, code2, offset, code = nf4_pointer_args(weight, out)
     _nf4_gemv_kernel[(triton.cdiv(n, cfg.BN), split)](
         x2, target, bias if bias is not None else out,
-        packed, absmax, absmax2, code2, offset, code,
+        packed, absmax, absmax2, code2, offset, pair_table(code),
         A, br if br is not None else out,
-        m, n, k, k_slice,
+        m, n, k, k // 2, k_slice,
         x2.stride(0), x2.stride(1), A.stride(0) if rank else 0, A.stride(1) if rank else 0,
         BN=cfg.BN, BKH=cfg.BKH, M_PAD=triton.next_power_of_2(m), RANK=max(rank, 1),
         R_PAD=triton.next_power_of_2(max(rank, 1)), BLOCKSIZE2=weight.blocksize2,
         DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
-        HAS_BIAS=bias is not None, DIRECT=direct, num_warps=cfg.num_warps,
-        enable_fp_fusion=False)
+        HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
+        num_warps=cfg.num_warps)
     if not direct:
         block = 1024 if not interpreting() else 64
         _sum_slices_kernel[(triton.cdiv(m * n, block),)](
