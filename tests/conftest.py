@@ -27,6 +27,16 @@ try:
 except Exception:
     HAS_TRITON = False
 
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy as _np
+
+    _tv = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    _nv = tuple(int(p) for p in _np.__version__.split(".")[:2])
+    if _tv < (3, 7) and _nv >= (2, 4):
+        pytest.exit(f"triton {triton.__version__}'s interpreter (used by the CPU kernel tests) "
+                    f"fails with numpy {_np.__version__}: install \"numpy<2.4\" beside it, or a "
+                    "newer triton", returncode=4)
+
 CUDA = torch.cuda.is_available()
 #: the device kernel tests run on: CUDA when there is one, else the CPU through the interpreter
 KERNEL_DEVICE = "cuda" if CUDA else "cpu"

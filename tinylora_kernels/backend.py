@@ -72,6 +72,18 @@ def requested(layer=None) -> str:
     return from_environment()
 
 
+def describe(layer=None) -> str:
+    """Where the backend in force for ``layer`` was asked for, in the words the user wrote it
+    (for error messages)."""
+    value = _context.get()
+    if value is not None:
+        return f"use_backend({value!r})"
+    value = getattr(layer, "backend", None)
+    if value is not None:
+        return f"set_backend(model, {value!r})"
+    return f"{ENV}={from_environment()}"
+
+
 @contextmanager
 def use_backend(name: str):
     """Within the block (this thread / task only), TinyLoRA layers use backend ``name``."""

@@ -60,6 +60,18 @@ MODELS: Dict[str, dict] = {
         "gate_proj": (704, 256), "up_proj": (704, 256), "down_proj": (256, 704)}},
 }
 PROVIDERS = ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")
+#: what each provider runs (the bench Markdown's legend)
+PROVIDER_DESCRIPTIONS = {
+    "materialized": "the users' reference program: bitsandbytes Linear4bit + ΔW rebuilt (out x "
+                    "in) at every call + a second full matmul",
+    "peft_style": "bitsandbytes Linear4bit + the factorized adapter as separate torch ops "
+                  "(x Aᵀ, · Rᵀ, · Bᵀ, add)",
+    "bnb_base": "bitsandbytes Linear4bit alone, no adapter",
+    "dense_bf16": "torch linear on the unquantized weight (bf16 on a GPU, fp32 on a CPU), no "
+                  "adapter",
+    "reference": "this package's torch path: TinyLoRALinear with the reference backend",
+    "fused": "this package's Triton kernels: TinyLoRALinear with the triton backend",
+}
 MODES = ("fwd", "bwd", "fwd+bwd")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 RANK, U = 2, 13
@@ -297,6 +309,9 @@ def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = No
         for provider in providers:
             bar.set_postfix_str(f"{case.layer} M={case.M} {case.mode} {provider}")
             bar.update()
+            if time.perf_counter() - start > budget_s:
+                row["providers"][provider] = {"not_run": "time budget spent"}
+                continue
             why = provider_missing(provider, device)
             if why is not None:
                 row["providers"][provider] = {"not_run": why}
@@ -372,7 +387,8 @@ def markdown(data: dict) -> str:
     def cell(r, p):
         stats = r["providers"].get(p, {})
         if "median_us" not in stats:
-            return "n/a"
+            why = stats.get("not_run") or stats.get("error") or r.get("skipped") or "not run"
+            return f"n/a: {why[:80]}"
         return f"{stats['median_us']:.1f} ({stats['p20_us']:.1f}–{stats['p80_us']:.1f})"
 
     for r in data["rows"]:
@@ -381,6 +397,14 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['mode']} | "
                      f"{r['floor_us']:.1f} | " + " | ".join(cells)
                      + f" | {med(r, ours) / r['floor_us']:.1f} | " + " | ".join(ratios) + " |")
+    lines += ["", "Legend: floor = the least time the bytes and FLOPs of the call allow on this "
+              "device (bytes / measured copy bandwidth, FLOPs / measured matmul rate, the larger); "
+              "each provider column = median µs (20th–80th percentile) of:"]
+    lines += [f"- {p}: {PROVIDER_DESCRIPTIONS.get(p, p)}" for p in provs]
+    lines += [f"- {ours}/floor: our time over the floor; <peer>/{ours}: the peer's time over "
+              "ours (above 1: ours is faster); nan where either was not measured.",
+              "- n/a: not measured, with the reason (provider not available on this device, "
+              "an error, or the time budget spent)."]
     return "\n".join(lines) + "\n"
 
 

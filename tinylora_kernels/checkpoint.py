@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .factors import RNG_SCHEMES, SVD_METHODS, draw_projections, p_scale
+from .validation import as_int
 from .layers import TinyLoRAGlobalParams, apply_tiny_lora, find_targets, tiny_lora_layers
 from .torch_path import PROJECTIONS
 
@@ -110,6 +111,11 @@ def _load_failure(path: str, exc: Exception) -> str:
 
     with open(path, "rb") as f:
         head = f.read(16)
+    size = os.path.getsize(path)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return (f"the file is truncated or damaged: it starts as the zip archive torch.save "
+                f"writes, but the archive is incomplete ({size} bytes); copy it again from its "
+                "source")
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         return (f"not a torch checkpoint (torch.save writes a zip archive; this file starts with "
                 f"{head!r})")
@@ -145,8 +151,13 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> TinyLoRACheckpoint:
     if v.dim() != 1 or not v.is_floating_point():
         raise _fail(path, f"'global_v' should be a 1-D floating tensor, found {v.dtype} of shape "
                           f"{tuple(v.shape)}")
+    if v.numel() == 0:
+        raise _fail(path, "'global_v' is empty (0 entries); a TinyLoRA v has at least one")
     if sd["u_value"] != v.numel():
         raise _fail(path, f"u_value={sd['u_value']} but global_v has {v.numel()} entries")
+    if not 0 <= sd["seed"] < 2 ** 64:
+        raise _fail(path, f"'seed' must be in [0, 2**64) (what torch.manual_seed takes), found "
+                          f"{sd['seed']}")
     if sd["rank"] < 1:
         raise _fail(path, f"rank must be >= 1, found {sd['rank']}")
     if sd["total_replaced_layers"] < 1:
@@ -265,8 +276,9 @@ def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int
     that file would restore a different adapter. The write is atomic: an existing file is replaced
     only by a complete new one.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = as_int(seed, "seed")
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2**64) (what torch.manual_seed takes), got {seed}")
     if not isinstance(model_id, str):
         raise TypeError(f"model_id must be a str, got {type(model_id).__name__}")
     layers = _model_layers(model)
@@ -307,6 +319,9 @@ def save_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *, seed: int
         rounded = any(getattr(m, "scales_rounded_bf16", False) for m in layers)
         sd["base_block_scales"] = "rounded_to_bf16" if rounded else "as_stored"
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to {path}: it is a directory; give a file path, "
+                                f"e.g. {os.path.join(path, 'tiny_lora_v.pt')}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save {path}: the directory {directory} does not exist")
@@ -336,6 +351,10 @@ def load_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *,
     A model that already carries TinyLoRA layers made the same way (rank, u, projection, seed)
     just receives the new v.
     """
+    if v_dtype is not None and (not isinstance(v_dtype, torch.dtype)
+                                or not v_dtype.is_floating_point):
+        raise ValueError(f"v_dtype must be a floating torch dtype (e.g. torch.float32), got "
+                         f"{v_dtype!r}")
     ck = read_checkpoint(path)
     if projection is not None and projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -351,7 +370,7 @@ def load_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *,
 
     existing = tiny_lora_layers(model)
     if existing:
-        return _load_into_adapted(model, ck, proj, v, [m for _, m in existing])
+        return _load_into_adapted(model, ck, proj, v, [m for _, m in existing], v_dtype)
 
     targets = find_targets(model)
     if len(targets) != ck.total_replaced_layers:
@@ -396,7 +415,8 @@ def load_tiny_lora(model: nn.Module, path: Union[str, os.PathLike], *,
     return model
 
 
-def _load_into_adapted(model, ck: TinyLoRACheckpoint, proj: str, v: torch.Tensor, layers):
+def _load_into_adapted(model, ck: TinyLoRACheckpoint, proj: str, v: torch.Tensor, layers,
+                       v_dtype: Optional[torch.dtype] = None):
     """Copy v into a model already adapted the same way as the checkpoint; refuse otherwise."""
     first = layers[0]
     mismatch = []
@@ -421,6 +441,11 @@ def _load_into_adapted(model, ck: TinyLoRACheckpoint, proj: str, v: torch.Tensor
                               "hold ΔW merged into their base weights; unmerge_tiny_lora(model) "
                               "before loading another v (the model is left as it was)")
     params = first.global_params_ref
+    if v_dtype is not None and v_dtype != params.global_v.dtype:
+        raise CheckpointError(
+            f"{ck.path}: v_dtype={v_dtype} was asked for, but this model is already adapted and "
+            f"keeps v in {params.global_v.dtype} (an optimizer may hold it); load into a fresh "
+            "model to choose v's dtype, or leave v_dtype out")
     with torch.no_grad():
         params.global_v.copy_(v.to(params.global_v.device, params.global_v.dtype))
     return model

@@ -1,10 +1,15 @@
-"""``tinylora-kernels`` (also ``python -m tinylora_kernels``).
+"""tinylora-kernels (also: python -m tinylora_kernels).
 
-* ``check`` (the default): build small random models (4-bit NF4 and dense), apply TinyLoRA, and
-  report every available computation path against the float64 formula, as a table. Exits 1 when
-  a path is outside its error budget.
-* ``inspect CKPT``: what a ``tiny_lora_v.pt`` holds and what it needs to be restored.
-* ``bench``: the benchmark suite (see :mod:`tinylora_kernels.bench`); ``bench --compare A B``.
+Commands:
+  check     (the default when no command is given) build small random models (4-bit NF4 and
+            dense), apply TinyLoRA, and compare every available computation path with a float64
+            evaluation of the formula; prints a table and exits with 1 when a path is outside
+            its error budget.
+  inspect   say what a tiny_lora_v.pt checkpoint holds and what restoring it needs.
+  bench     the benchmark suite: every provider side by side against the floor, or one of its
+            other modes (--compare, --host-cost, --generate, --compiled, --gemv-sweep).
+
+Run "tinylora-kernels COMMAND --help" for a command's options.
 """
 
 from __future__ import annotations
@@ -184,55 +189,97 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tinylora-kernels``."""
     from . import bench
 
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="tinylora-kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    p_check = sub.add_parser("check", help="every available path vs the float64 formula")
-    p_check.add_argument("--seed", type=int, default=0)
-    p_check.add_argument("--rows", type=_positive_int, default=64, help="input rows per layer")
+                                     formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_check = sub.add_parser(
+        "check", formatter_class=raw, help="compare every computation path with float64",
+        description="Build small random models (4-bit NF4 and dense), apply TinyLoRA, and "
+        "compare every available computation path with a float64 evaluation of the formula. "
+        "A path passes when its error is at most twice torch's own low-precision error (plus "
+        "1e-5). Exits with 1 when any path fails.")
+    p_check.add_argument("--seed", type=int, default=0,
+                         help="seed of the random models and inputs (default: 0)")
+    p_check.add_argument("--rows", type=_positive_int, default=64,
+                         help="input rows per layer (default: 64)")
     p_check.add_argument("--dtypes", type=_choices_list(tuple(_DTYPES), "dtype"),
-                         default=list(_DTYPES), help="comma-separated, from fp32, fp16, bf16")
-    p_check.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+                         default=list(_DTYPES),
+                         help="activation dtypes, comma-separated from fp32, fp16, bf16 "
+                              "(default: all three)")
+    p_check.add_argument("--device", type=_device, default="cpu",
+                         help="cpu or cuda (default: cpu)")
     p_check.add_argument("--plans", action="store_true",
                          help="also print the router's plan for each model's first layer")
-    p_inspect = sub.add_parser("inspect", help="what a tiny_lora_v.pt holds")
-    p_inspect.add_argument("checkpoint")
-    p_bench = sub.add_parser("bench", help="every provider side by side against the floor")
+    p_inspect = sub.add_parser(
+        "inspect", formatter_class=raw, help="what a tiny_lora_v.pt checkpoint holds",
+        description="Read a tiny_lora_v.pt checkpoint (the users' format or this package's), "
+        "check it, and say what it holds and what restoring it needs. Exits with 2 when the "
+        "file is not a valid checkpoint.")
+    p_inspect.add_argument("checkpoint", help="path of the tiny_lora_v.pt file")
+    p_bench = sub.add_parser(
+        "bench", formatter_class=raw, help="the benchmark suite",
+        description="Time every provider side by side against the floor (on a CPU: reduced "
+        "shapes and CPU timings; GPU figures need a GPU), and write JSON, Markdown and a plot "
+        "into --out under new file names. Instead of the suite, one mode: --compare, "
+        "--host-cost, --generate, --compiled (no GPU needed) or --gemv-sweep (GPU).")
     p_bench.add_argument("--models", type=_choices_list(tuple(bench.MODELS), "model"),
-                         help="comma-separated: " + ", ".join(bench.MODELS)
-                         + " (default: qwen2.5-coder-3b on a GPU, cpu-reduced on a CPU)")
-    p_bench.add_argument("--m", type=_int_list, help="comma-separated row counts (default "
+                         help="model shapes, comma-separated from " + ", ".join(bench.MODELS)
+                         + " (default: qwen2.5-coder-3b on a GPU, cpu-reduced on a CPU; the "
+                         "full-size shapes take minutes per case on a CPU)")
+    p_bench.add_argument("--m", type=_int_list,
+                         help="row counts M (tokens per call), comma-separated (default: "
                          "1,16,128,4096 on a GPU, 1,16,128 on a CPU)")
     layer_names = tuple(dict.fromkeys(n for m in bench.MODELS.values() for n in m["shapes"]))
     p_bench.add_argument("--layers", type=_choices_list(layer_names + ("decoder_layer",
                                                                        "stack<N>"),
                                                         "layer", r"stack[1-9][0-9]*"),
-                         help="comma-separated: q_proj ... down_proj, decoder_layer, stack<N> "
-                         "(default: every linear + decoder_layer)")
+                         help="comma-separated: q_proj ... down_proj, decoder_layer (the 7 "
+                         "linears of one layer), stack<N> (N decoder layers) (default: every "
+                         "linear and decoder_layer)")
     p_bench.add_argument("--modes", type=_choices_list(bench.MODES, "mode"), default=["fwd"],
-                         help="comma-separated: fwd, bwd, fwd+bwd")
+                         help="what is timed, comma-separated from fwd (forward), bwd (backward "
+                         "alone), fwd+bwd (default: fwd)")
     p_bench.add_argument("--providers", type=_choices_list(bench.PROVIDERS, "provider"),
-                         default=list(bench.PROVIDERS))
-    p_bench.add_argument("--budget-s", type=float, default=600.0, help="total time budget")
-    p_bench.add_argument("--out", default=".", help="output directory (default: the current "
-                         "one); existing files are never overwritten")
+                         default=list(bench.PROVIDERS),
+                         help="contenders, comma-separated from " + ", ".join(bench.PROVIDERS)
+                         + " (default: all; the Markdown's legend says what each runs)")
+    p_bench.add_argument("--budget-s", type=_positive_float, default=600.0,
+                         help="time budget of the whole run in seconds; once spent, the "
+                         "remaining cases are marked 'time budget spent' and what was measured "
+                         "is written (default: 600)")
+    p_bench.add_argument("--out", default=".",
+                         help="directory for the result files (default: the current one); "
+                         "existing files are never overwritten")
     p_bench.add_argument("--name", default=None,
-                         help="file stem (default: bench-<device>-<date>-<time>)")
+                         help="file name stem (default: bench-<device>-<date>-<time>, or the "
+                         "mode's name)")
     p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"), type=_result_file,
-                         help="compare two result files instead of running")
+                         help="instead of timing: compare two result files of this command")
     p_bench.add_argument("--gemv-sweep", action="store_true",
-                         help="time every NF4 GEMV launch shape on the model's linears (GPU)")
+                         help="instead of the suite: time every NF4 GEMV launch shape on the "
+                         "model's linears (needs a GPU)")
     p_bench.add_argument("--host-cost", action="store_true",
-                         help="time the per-call host cost of a tiny layer instead (on a GPU "
-                         "also through the kernels)")
+                         help="instead of the suite: the per-call host cost of a tiny layer "
+                         "against bitsandbytes' Linear4bit (on a GPU also through the kernels)")
     p_bench.add_argument("--compiled", action="store_true",
                          help="instead of timing: compile what a Qwen2.5-Coder-3B decoder layer "
                          "launches for Hopper (sm_90) and project it against the H200 roofline "
                          "(no GPU needed; every figure projected, none measured)")
     p_bench.add_argument("--generate", action="store_true",
-                         help="time eager generate of an 8-layer 4-bit tiny Qwen2 with and "
-                         "without the adapter instead (tokens per second)")
+                         help="instead of the suite: tokens per second of eager generate on an "
+                         "8-layer 4-bit tiny Qwen2, with and without the adapter")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:

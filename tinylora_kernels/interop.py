@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError
 from .bnb import nf4_of
 from .layers import TARGET_SUFFIXES, TinyLoRAGlobalParams, TinyLoRALinear, tiny_lora_layers
 from .nf4 import dequantize_nf4
+from .validation import as_int
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,59 @@ def delta_weight(layer: TinyLoRALinear) -> torch.Tensor:
     return B @ A
 
 
+def _check_target(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse to write ``path`` when it is a directory, or exists and ``overwrite`` is False."""
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {what} to {path}: it is a directory")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the directory {path.parent} does not "
+                                "exist")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)``, then move the file into place (no half-written file at ``path``)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def export_lora(model, out_dir: Union[str, os.PathLike], *, rank: Optional[int] = None,
                 base_model_name_or_path: Optional[str] = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """Write the adapter as a PEFT LoRA adapter directory; returns its path.
 
     Module names are the TinyLoRA layers' names in the model (what PEFT expects for the same
     base model), scaling is 1 (``lora_alpha == r``). ``rank`` pads A with zero rows and B with
-    zero columns up to a size servers accept (e.g. 8); it must be >= the TinyLoRA rank.
+    zero columns up to a size servers accept (e.g. 8); it must be >= the TinyLoRA rank. An
+    adapter already in ``out_dir`` is replaced only with ``overwrite=True``.
     """
     from safetensors.torch import save_file
 
     layers = _layers(model)
     r = layers[0][1].rank
     rank = r if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < r:
+    rank = as_int(rank, "rank")
+    if rank < r:
         raise ValueError(f"rank must be an int >= the adapter's rank {r}, got {rank!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot export a LoRA adapter to {out}: it is a file (a PEFT "
+                                 "adapter is a directory)")
+    if not overwrite:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            if (out / name).exists():
+                raise FileExistsError(f"{out / name} already exists; pass overwrite=True to "
+                                      "replace the adapter in that directory")
     tensors: Dict[str, torch.Tensor] = {}
     for name, layer in layers:
         A, B = lora_factors(layer)
@@ -89,10 +127,11 @@ def export_lora(model, out_dir: Union[str, os.PathLike], *, rank: Optional[int] 
         "base_model_name_or_path": base_model_name_or_path
         or getattr(getattr(model, "config", None), "_name_or_path", None),
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    _write_atomic(out / "adapter_model.safetensors",
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomic(out / "adapter_config.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -133,16 +172,19 @@ def unmerge_tiny_lora(model) -> int:
 
 
 def export_merged(model, path: Union[str, os.PathLike], *,
-                  dtype: torch.dtype = torch.bfloat16) -> Dict[str, float]:
+                  dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Dict[str, float]:
     """Write merged weights W + ΔW of every TinyLoRA layer (and the model's other tensors).
 
     The state dict uses the base model's names (``...q_proj.weight``), so the plain model
     architecture — or a server — loads it. A 4-bit base is decoded to fp32 first. The mismatch
     this introduces (rounding the merged weight to ``dtype``, compared with decoded W + ΔW in
-    fp32) is logged and returned per layer as the maximum relative error.
+    fp32) is logged and returned per layer as the maximum relative error. An existing file at
+    ``path`` is replaced only with ``overwrite=True`` (the write is atomic either way).
     """
     from safetensors.torch import save_file
 
+    target = Path(path)
+    _check_target(target, overwrite, "merged weights")
     layers = dict(_layers(model))
     state = {}
     mismatch = {}
@@ -170,7 +212,7 @@ def export_merged(model, path: Union[str, os.PathLike], *,
             err = ((rounded.float() - merged).abs().max() / merged.abs().max()).item()
             mismatch[name] = err
             state[f"{name}.weight"] = rounded.cpu().contiguous()
-    save_file(state, os.fspath(path), metadata={"format": "pt"})
+    _write_atomic(target, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     worst = max(mismatch.items(), key=lambda kv: kv[1])
     log.warning("export_merged: %d merged layers written to %s; rounding to %s changes weights "
                 "by at most %.2e (relative, %s)", len(mismatch), os.fspath(path), dtype,

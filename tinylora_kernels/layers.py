@@ -9,6 +9,7 @@ N x K ΔW), with the rank-r products in fp32, and without the bitsandbytes CPU t
 from __future__ import annotations
 
 import logging
+import operator
 from typing import List, Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_comp
                   linear4bit_forward, nf4_of, restore_canonical_layout)
 from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
 from .grouping import grouped_forward, link_groups
+from .validation import as_int
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
                          LayerConstants, acc_dtype, layer_adapter, r_from)
 
@@ -46,8 +48,12 @@ class TinyLoRAGlobalParams(nn.Module):
 
     def __init__(self, u_dim: int = 16, device="cpu", dtype=torch.bfloat16):
         super().__init__()
-        if isinstance(u_dim, bool) or not isinstance(u_dim, int) or u_dim < 1:
+        u_dim = as_int(u_dim, "u_dim")
+        if u_dim < 1:
             raise ValueError(f"u_dim must be a positive int, got {u_dim!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch dtype (v is trained by gradients), "
+                            f"got {dtype!r}")
         self.global_v = nn.Parameter(torch.zeros(u_dim, device=device, dtype=dtype))
 
     def forward(self) -> torch.Tensor:
@@ -59,10 +65,14 @@ class TinyLoRAGlobalParams(nn.Module):
         return adapter_state.v_view(self, device)
 
     def _apply(self, fn, recurse=True):
-        old = self.global_v.data
+        old, old_grad = self.global_v.data, self.global_v.grad
         super()._apply(fn, recurse)
-        if self.global_v.dtype != old.dtype:
-            self.global_v.data = old.to(self.global_v.device)
+        v = self.global_v
+        if v.dtype != old.dtype:
+            v.data = old.to(v.device)
+        if old_grad is not None and v.grad is not None and v.grad.dtype != v.dtype:
+            # the gradient follows v (an optimizer step would otherwise mix the two dtypes)
+            v.grad = old_grad.to(device=v.device, dtype=v.dtype)
         return self
 
 
@@ -95,14 +105,18 @@ class TinyLoRALinear(nn.Module):
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         u = self._check_args(original_layer, rank, u, global_params_ref, projection, svd)
+        rank = operator.index(rank)
         rounded = _restore_layout(original_layer)
         device = original_layer.weight.device
         if factor_cache is not None and not isinstance(factor_cache, FactorCache):
             factor_cache = FactorCache(factor_cache)
         if factor_cache is not None:
             U, S, Vh = factor_cache.factors(original_layer, rank, svd)
+            if not all(torch.isfinite(t).all() for t in (U, S, Vh)):
+                self._checked_weight(original_layer)          # names the cause
+                raise ValueError("the cached SVD factors hold NaN/Inf values")
         else:
-            U, S, Vh = top_r_svd(base_weight_fp32(original_layer), rank, svd)
+            U, S, Vh = top_r_svd(self._checked_weight(original_layer), rank, svd)
         # only now, with nothing left that can fail, does the base layer change hands
         self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
         self.scales_rounded_bf16 = rounded
@@ -170,14 +184,27 @@ class TinyLoRALinear(nn.Module):
         if svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
         v_len = global_params_ref.global_v.shape[0]
-        u = v_len if u is None else u
+        u = v_len if u is None else as_int(u, "u")
         if u != v_len:
             raise ValueError(f"u={u} but global_params_ref.global_v has {v_len} entries")
         n, k = original_layer.out_features, original_layer.in_features
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, k):
+        if isinstance(rank, bool) or not hasattr(rank, "__index__") \
+                or not 1 <= operator.index(rank) <= min(n, k):
             raise ValueError(f"rank must be an int in [1, min(out, in)] = [1, {min(n, k)}] for "
                              f"this {n} x {k} layer, got {rank!r}")
         return u
+
+    @staticmethod
+    def _checked_weight(original_layer) -> torch.Tensor:
+        """The base weight in fp32 for the SVD; ValueError when it holds NaN or Inf (its SVD
+        would be NaN, and so every output of the layer, whatever v)."""
+        W = base_weight_fp32(original_layer)
+        bad = ~torch.isfinite(W)
+        if bad.any():
+            raise ValueError(f"the base weight holds {int(bad.sum())} NaN/Inf value(s) (first at "
+                             f"{tuple(bad.nonzero()[0].tolist())}); its SVD, and so the "
+                             "adapter, would be NaN")
+        return W
 
     def _wrap(self, original_layer, rank, u, global_params_ref, projection, svd):
         """Take ownership of the (frozen) base layer; the arguments passed ``_check_args``."""
@@ -413,6 +440,11 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
                         f"{type(global_params_ref).__name__}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    rank = as_int(rank, "rank")
+    if rng_seed is not None:
+        rng_seed = as_int(rng_seed, "rng_seed")
+        if not 0 <= rng_seed < 2 ** 63:
+            raise ValueError(f"rng_seed must be in [0, 2**63), got {rng_seed}")
     backend.from_environment()              # a bad TINYLORA_BACKEND is reported here, not later
     attached = getattr(model, "tiny_lora_params", None)
     if attached is not None and attached is not global_params_ref:
@@ -447,8 +479,13 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
             gen = None
             if rng_seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(rng_seed + index)
-            layer = TinyLoRALinear(child, rank, None, global_params_ref, projection=projection,
-                                   svd=svd, factor_cache=factor_cache, generator=gen)
+            try:
+                layer = TinyLoRALinear(child, rank, None, global_params_ref,
+                                       projection=projection, svd=svd,
+                                       factor_cache=factor_cache, generator=gen)
+            except ValueError as exc:
+                raise ValueError(f"layer {names.get(id(child), name)!r}: {exc}; the model is "
+                                 "left as it was") from exc
             layer.p_seed = seed if fresh else None
             layer.layer_name = names.get(id(child))
             built.append((parent, name, layer))

@@ -149,8 +149,8 @@ def _decide(layer, x, m, asked, compute_dtype, out_dtype) -> Plan:
     why = _kernel_refusal(layer, x, compute_dtype)
     if why is not None:
         if asked == "triton":
-            raise RuntimeError(f"TINYLORA_BACKEND=triton, but the Triton kernel cannot compute "
-                               f"this layer: {why}")
+            raise RuntimeError(f"{backend.describe(layer)} asks for the Triton kernels, but they "
+                               f"cannot compute this call of {layer._label()}: {why}")
         return torch_plan(f"auto: the kernels cannot take this call ({why})")
     return _kernel_plan(layer, m, asked, compute_dtype, out_dtype)
 
