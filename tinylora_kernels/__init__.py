@@ -7,6 +7,7 @@ pure-torch reference of every piece of math as the oracle for the fused kernels.
 Importing this package needs neither a GPU nor Triton nor bitsandbytes.
 """
 
+from .adapter_set import AdapterSet
 from .backend import set_backend, use_backend
 from .checkpoint import (CheckpointError, TinyLoRACheckpoint, load_tiny_lora, read_checkpoint,
                          save_tiny_lora)
@@ -44,6 +45,7 @@ _check_environment()
 
 __all__ = [
     "AdapterFactors",
+    "AdapterSet",
     "CheckpointError",
     "FactorCache",
     "NF4Weight",

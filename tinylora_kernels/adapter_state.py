@@ -39,7 +39,7 @@ import torch
 from .torch_path import LayerConstants, acc_dtype, no_autocast, r_from
 
 __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
-           "layer_R", "inference_operands", "install_call_hooks", "model_call"]
+           "layer_R", "inference_operands", "install_call_hooks", "model_call", "row_state"]
 
 
 class _Calls(threading.local):
@@ -61,13 +61,16 @@ class AdapterCall:
     """The adapter state of one model call: v's views, every layer's R and Aᵀ Rᵀ, filled on first
     use in the call and dropped when it ends."""
 
-    __slots__ = ("gp", "views", "batches", "merged_v_checked")
+    __slots__ = ("gp", "views", "batches", "merged_v_checked", "rows", "row_batches")
 
     def __init__(self, gp):
         self.gp = gp
         self.views: Dict[tuple, torch.Tensor] = {}
         self.batches: Dict[tuple, Dict[int, tuple]] = {}
         self.merged_v_checked = False
+        #: per-sequence adapters (tinylora_kernels.adapter_set): (AdapterSet, codes per row)
+        self.rows = None
+        self.row_batches: Dict[tuple, Dict[int, torch.Tensor]] = {}
 
 
 def _calls(gp) -> _Calls:
@@ -77,15 +80,40 @@ def _calls(gp) -> _Calls:
     return calls
 
 
-def enter_call(model, args=None) -> None:
-    """Forward pre-hook of an adapted model: open its adapter state (nested calls share one)."""
+def enter_call(model, args=None, kwargs=None) -> None:
+    """Forward pre-hook of an adapted model: open its adapter state (nested calls share one),
+    with the per-sequence adapters of an open ``AdapterSet.per_sequence`` block."""
     gp = model.__dict__.get("_tinylora_gp_")
     if gp is None or torch.compiler.is_compiling():
         return
     calls = _calls(gp)
     if calls.depth == 0:
         calls.call = AdapterCall(gp)
-    calls.depth += 1
+    calls.depth += 1            # first: the always-called exit hook closes it even if we raise
+    assigned = model.__dict__.get("_tinylora_rows_")
+    if assigned is not None and calls.depth == 1:
+        calls.call.rows = (assigned[0], _expand_rows(assigned[1], _batch_size(args, kwargs)))
+
+
+def _batch_size(args, kwargs) -> Optional[int]:
+    """The batch size of a model call: the first dimension of its first tensor input."""
+    for value in (*(args or ()), *((kwargs or {}).get(k) for k in ("input_ids",
+                                                                    "inputs_embeds"))):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _expand_rows(codes: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
+    """The per-sequence codes for a batch of ``batch`` rows: as assigned, or each repeated in
+    place k times when generate expanded the batch k-fold (num_return_sequences, num_beams)."""
+    n = codes.shape[0]
+    if batch is None or batch == n:
+        return codes
+    if batch % n == 0:
+        return codes.repeat_interleave(batch // n)
+    raise ValueError(f"per-sequence adapters: the assignment names {n} sequences, but the model "
+                     f"was called with a batch of {batch}; give one adapter name per sequence")
 
 
 def exit_call(model, args=None, output=None) -> None:
@@ -118,7 +146,7 @@ def install_call_hooks(model, gp) -> None:
     for hook in model._forward_pre_hooks.values():
         if hook is enter_call:
             return
-    model.register_forward_pre_hook(enter_call)
+    model.register_forward_pre_hook(enter_call, with_kwargs=True)
     model.register_forward_hook(exit_call, always_call=True)
 
 
@@ -295,4 +323,57 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
             rat = torch.bmm(at, R.transpose(1, 2))                         # every Aᵀ Rᵀ at once
         for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
             out[id(m)] = (Ri, rati, c.bt, c)
+    return out
+
+
+# -- per call, per sequence: every adapter's R ------------------------------------------------------
+def row_state(layer, acc: torch.Tensor):
+    """(R of every adapter of the call's set (n + 2, r, r) in ``acc``, the code of each sequence)
+    when the current model call has per-sequence adapters, else None. Differentiable in the set's
+    v's and the model's v under autograd."""
+    call = current_call(layer.global_params_ref)
+    if call is None or call.rows is None:
+        return None
+    adapters, codes = call.rows
+    batch = call.row_batches.get(acc)
+    if batch is None:
+        batch = call.row_batches[acc] = _compute_row_batch(call, adapters, acc)
+    got = batch.get(id(layer))
+    c = layer_constants(layer, acc)
+    if got is None or got[1] is not c:
+        _roster(call.gp).add(layer)
+        got = (_rows_R(layer, c, _all_v(call, adapters, c.pt.device, acc)), c)
+        batch[id(layer)] = got
+    return got[0], codes
+
+
+def _all_v(call, adapters, device, acc):
+    key = ("all_v", device, acc, torch.is_grad_enabled())
+    got = call.views.get(key)
+    if got is None:
+        got = call.views[key] = adapters.all_v(v_view(call.gp, device), device, acc)
+    return got
+
+
+def _rows_R(layer, c: LayerConstants, all_v: torch.Tensor) -> torch.Tensor:
+    r = layer.rank
+    with no_autocast(all_v.device.type):
+        R = _full_pt(layer, c) @ all_v.t()                                  # (r r, n + 2)
+    return R.t().reshape(all_v.shape[0], r, r)
+
+
+def _compute_row_batch(call, adapters, acc) -> Dict[int, tuple]:
+    roster = _roster(call.gp)
+    if not roster.layers:
+        return {}
+    if roster.groups is None or roster.groups[0] != acc:
+        roster.groups = (acc, _build_groups(roster, acc))
+    out: Dict[int, tuple] = {}
+    for device, r, members, pt, _ in roster.groups[1]:
+        all_v = _all_v(call, adapters, device, acc)
+        with no_autocast(device.type):
+            R = (pt @ all_v.t()).view(len(members), r, r, all_v.shape[0])  # every layer, every v
+        R = R.permute(0, 3, 1, 2)
+        for (m, c), Rm in zip(members, R.unbind(0)):
+            out[id(m)] = (Rm, c)
     return out

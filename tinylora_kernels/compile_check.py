@@ -244,6 +244,29 @@ def planned_calls(matrix: str = "full") -> Iterator[Tuple[str, callable]]:
         if act != torch.float32:
             yield (f"decode {tag} M={large_m}",
                    functools.partial(dequantize_nf4_triton, w, act))
+    # per-sequence adapters (adapter_set.py): each row reads its own R (B R for the GEMV)
+    from .ops.custom_ops import kernel_forward_rows  # noqa: F401  (the path these calls model)
+    from .ops.fused_linear import launch_fused_linear
+    from .ops.nf4_gemv import nf4_gemv
+    from .torch_path import AdapterFactors
+
+    for (sname, dq, storage), act in itertools.product(storages[:2], acts):
+        n, k = SHAPES_NF4["aligned"]
+        w = random_nf4(n, k, dq, storage)
+        f = _factors(n, k)
+        rows_f = AdapterFactors(A=f.A, B=f.B, R=torch.randn(5, 2, 2))
+        tag = f"{sname} aligned {str(act)[6:]} per-row adapters"
+        for m in (gemv_ms if not quick else [4]):
+            x = torch.randn(m, k).to(act)
+            codes = torch.arange(m, dtype=torch.int32) % 5
+            yield (f"gemv {tag} M={m}", functools.partial(
+                nf4_gemv, x, w, None, rows_f, out_dtype=act, row_codes=codes))
+        for m in (fused_ms if not quick else [16]):
+            x = torch.randn(m, k).to(act)
+            codes = torch.arange(m, dtype=torch.int32) % 5
+            yield (f"fused {tag} M={m}", functools.partial(
+                launch_fused_linear, x, w, None, rows_f, out_dtype=act,
+                config=pick_config(m, n, k), row_codes=codes))
     dense = [torch.bfloat16, torch.float16, torch.float32] if not quick else [torch.bfloat16]
     for wdt, shape_name, (bias_on, adapter_on) in itertools.product(
             dense, SHAPES_DENSE if not quick else ["aligned"], flags):

@@ -22,7 +22,7 @@ from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projection
 from .grouping import grouped_forward, link_groups
 from .validation import as_int
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
-                         LayerConstants, acc_dtype, layer_adapter, r_from)
+                         add_adapter_rows, LayerConstants, acc_dtype, layer_adapter, r_from)
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,9 @@ class TinyLoRALinear(nn.Module):
             raise ValueError(f"{self._label()}: expects inputs with in_features={in_features} "
                              f"in the last dimension, got an input of shape {tuple(x.shape)}")
         plan = router.plan(self, x, compute_dtype, out_dtype)
+        rows = adapter_state.row_state(self, acc_dtype(x.dtype))
+        if rows is not None:
+            return self._forward_rows(x, plan, rows, compute_dtype, out_dtype)
         if plan.path == "torch":
             base = self._base_forward(x, compute_dtype)
             acc = acc_dtype(x.dtype)
@@ -287,6 +290,24 @@ class TinyLoRALinear(nn.Module):
         return fused_tinylora_linear(x.to(compute_dtype), self.kernel_weight(),
                                      self.base_layer.bias, self.adapter_factors(), out_dtype,
                                      plan.path, plan.config)
+
+    def _forward_rows(self, x, plan, rows, compute_dtype, out_dtype):
+        """The call with per-sequence adapters (:mod:`tinylora_kernels.adapter_set`)."""
+        R_set, codes = rows
+        if plan.path == "merged":
+            raise ValueError(f"{self._label()} holds a merged ΔW (one adapter in its weight): "
+                             "per-sequence adapters need unmerged layers")
+        if plan.path in ("gemv", "fused") and not torch.is_grad_enabled():
+            from .ops.custom_ops import kernel_forward_rows
+
+            self._check_storage()
+            out = kernel_forward_rows(plan, x.to(compute_dtype), self.kernel_weight(),
+                                      self.base_layer.bias, self, R_set, codes, out_dtype)
+            if out is not None:
+                return out
+        base = self._base_forward(x, compute_dtype)
+        return add_adapter_rows(base, x, self._constants(acc_dtype(x.dtype)), R_set, codes,
+                                out_dtype)
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None)

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["PROJECTIONS", "AdapterFactors", "projection_matrix", "add_adapter",
+__all__ = ["PROJECTIONS", "AdapterFactors", "projection_matrix", "add_adapter", "add_adapter_rows",
            "add_adapter_inference", "split16", "split_operands", "mm_fp32", "mm_fp32_split",
            "SPLIT16_MIN_ELEMENTS"]
 
@@ -421,3 +421,24 @@ def add_adapter_inference(base: torch.Tensor, x: torch.Tensor, rat: torch.Tensor
     x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(rat.dtype)
     with no_autocast(x.device.type):
         return _add_low_rank(base, x2, rat, bt, out_dtype)
+
+
+def add_adapter_rows(base: torch.Tensor, x: torch.Tensor, consts: LayerConstants,
+                     R_set: torch.Tensor, codes: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """``base + B (R_b (A x))`` with each sequence b of the batch using its own R: ``R_set``
+    (n, r, r) holds every adapter's R, ``codes`` (B,) the one of each sequence (x is batch-first:
+    (B, ..., K)). Batched products, no per-row loop; fp32 accumulation, one rounding;
+    differentiable in base, x and R_set."""
+    nb = codes.shape[0]
+    if x.dim() < 2 or x.shape[0] != nb:
+        raise ValueError(f"per-sequence adapters: the call's batch has {nb} sequences, but this "
+                         f"layer got an input of shape {tuple(x.shape)} (batch first expected)")
+    k, n = x.shape[-1], base.shape[-1]
+    acc = consts.at.dtype
+    with no_autocast(x.device.type):
+        ax = x.reshape(nb, -1, k).to(acc) @ consts.at                       # (B, T, r)
+        z = torch.bmm(ax, R_set.to(acc)[codes].transpose(1, 2))             # (B, T, r)
+        out = torch.baddbmm(base.reshape(nb, -1, n).to(acc), z,
+                            consts.bt.expand(nb, -1, -1))
+    return out.to(out_dtype).view(base.shape)

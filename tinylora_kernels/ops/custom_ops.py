@@ -26,8 +26,8 @@ from .grad_x import fused_grad_x
 from .large_m import dequant_cublas_grad_x, dequant_cublas_linear
 from .nf4_gemv import nf4_gemv
 
-__all__ = ["KERNEL_PATHS", "fused_tinylora_linear", "kernel_forward", "kernel_grad_x",
-           "pack_weight", "unpack_weight"]
+__all__ = ["KERNEL_PATHS", "fused_tinylora_linear", "kernel_forward", "kernel_forward_rows",
+           "kernel_grad_x", "pack_weight", "unpack_weight"]
 
 #: The kernel paths a plan can name.
 KERNEL_PATHS = ("gemv", "fused", "large_m")
@@ -48,6 +48,24 @@ def kernel_forward(path: str, x, weight, bias, factors, *, out_dtype, store_ax=F
         return y, ax
     return launch_fused_linear(x, weight, bias, factors, out_dtype=out_dtype, store_ax=store_ax,
                                config=config)
+
+
+def kernel_forward_rows(plan, x, weight, bias, layer, R_set, codes, out_dtype):
+    """``layer(x)`` by the planned kernel with each sequence's own R (``R_set[codes[b]]``);
+    None when the planned kernel does not take per-row adapters (the caller then uses the torch
+    path)."""
+    nb = codes.shape[0]
+    if x.dim() < 2 or x.shape[0] != nb:
+        return None
+    rows_per_seq = x.numel() // (x.shape[-1] * nb) if x.numel() else 0
+    row_codes = codes.repeat_interleave(rows_per_seq).to(torch.int32)       # per row of x
+    f = layer.adapter_factors()
+    factors = AdapterFactors(A=f.A, B=f.B, R=R_set)
+    if plan.path == "gemv":
+        return nf4_gemv(x, weight, bias, factors, out_dtype=out_dtype, config=plan.config,
+                        row_codes=row_codes)
+    return launch_fused_linear(x, weight, bias, factors, out_dtype=out_dtype,
+                               config=plan.config, row_codes=row_codes)
 
 
 def kernel_grad_x(path: str, g, weight, factors, *, x_dtype):

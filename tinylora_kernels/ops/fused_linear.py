@@ -38,7 +38,7 @@ def _linear_tile(
     pid_m, pid_n,
     x_ptr, out_ptr, bias_ptr, ax_ptr,
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    a_ptr, b_ptr, r_ptr,
+    a_ptr, b_ptr, r_ptr, rows_ptr,
     M, N, K, KH, RANK,
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     stride_an, stride_ak,
@@ -46,9 +46,11 @@ def _linear_tile(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
 ):
     """Output tile (pid_m, pid_n): x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
+    With ROW_ADAPTERS, R holds one r x r matrix per adapter and row m uses R[rows[m]]
+    (per-sequence adapters).
 
     The K loop runs over pairs of half tiles (even and odd columns), each a tensor-core dot of
     depth BK/2: NF4 bytes decode straight into that layout.
@@ -115,10 +117,17 @@ def _linear_tile(
 
     # -- epilogue: + ((A x) Rᵀ) Bᵀ, + bias, one rounding ----------------------------------------
     if HAS_ADAPTER:
+        if ROW_ADAPTERS:
+            r_base = tl.load(rows_ptr + rm, mask=mask_m, other=0).to(tl.int64) * (RANK * RANK)
         for i in range(RANK):
             # z_i = sum_j ax_j R[i, j], then acc += z_i B[:, i]
-            r_row = tl.load(r_ptr + i * RANK + rr, mask=mask_r, other=0.0)
-            z_i = tl.sum(ax * r_row[None, :], axis=1)
+            if ROW_ADAPTERS:
+                r_rows = tl.load(r_ptr + r_base[:, None] + i * RANK + rr[None, :],
+                                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                z_i = tl.sum(ax * r_rows, axis=1)
+            else:
+                r_row = tl.load(r_ptr + i * RANK + rr, mask=mask_r, other=0.0)
+                z_i = tl.sum(ax * r_row[None, :], axis=1)
             b_col = tl.load(b_ptr + rn64 * RANK + i, mask=mask_n, other=0.0)
             acc += z_i[:, None] * b_col[None, :]
         if STORE_AX:
@@ -137,8 +146,9 @@ def _fused_linear_kernel(
     x_ptr, out_ptr, bias_ptr, ax_ptr,
     # pointers: the weight (dense: w_ptr; NF4: w_ptr = packed bytes + the scale tensors)
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-    # pointers: the adapter, A (r x K, any float dtype), B (N x r, fp32), R (r x r, fp32)
-    a_ptr, b_ptr, r_ptr,
+    # pointers: the adapter, A (r x K, any float dtype), B (N x r, fp32), R (r x r, fp32; with
+    # ROW_ADAPTERS one per adapter), the adapter of each row (int32, ROW_ADAPTERS only)
+    a_ptr, b_ptr, r_ptr, rows_ptr,
     # sizes (KH = K // 2: bytes per row of packed NF4)
     M, N, K, KH, RANK,
     # strides
@@ -149,7 +159,7 @@ def _fused_linear_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr, ROW_ADAPTERS: tl.constexpr = False,
 ):
     """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias): one output tile per program."""
     # program id -> output tile, grouped along M so neighbouring programs share W tiles
@@ -163,10 +173,10 @@ def _fused_linear_kernel(
     pid_n = (pid % per_group) // group_rows
     _linear_tile(pid_m, pid_n, x_ptr, out_ptr, bias_ptr, ax_ptr,
                  w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                 a_ptr, b_ptr, r_ptr, M, N, K, KH, RANK,
+                 a_ptr, b_ptr, r_ptr, rows_ptr, M, N, K, KH, RANK,
                  stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
                  stride_an, stride_ak, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT,
-                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
+                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE, ROW_ADAPTERS)
 
 
 @triton.jit
@@ -203,20 +213,23 @@ def _fused_group_kernel(
     t = pid % tiles
     if t < t0:
         _linear_tile(pid_m, t, x_ptr, o0, bias0, ax0, w0, am0, am20, c20, off0, code0,
-                     a0, b0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
+                     a0, b0, r0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
                      swn0, swk0, san0, sak0, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE,
+                     False)
     elif t < t0 + t1:
         _linear_tile(pid_m, t - t0, x_ptr, o1, bias1, ax1, w1, am1, am21, c21, off1, code1,
-                     a1, b1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
+                     a1, b1, r1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
                      swn1, swk1, san1, sak1, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
+                     DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE,
+                     False)
     else:
         if NUM_PROJ == 3:
             _linear_tile(pid_m, t - t0 - t1, x_ptr, o2, bias2, ax2, w2, am2, am22, c22, off2,
-                         code2, a2, b2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk, som2,
-                         son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
-                         DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE)
+                         code2, a2, b2, r2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk,
+                         som2, son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2,
+                         IS_NF4, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT,
+                         TABLE, False)
 
 
 def _check_projection(x: torch.Tensor, weight, bias, factors, who: str):
@@ -293,9 +306,11 @@ def launch_fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
                         bias: Optional[torch.Tensor], factors: Optional[AdapterFactors], *,
                         out_dtype: torch.dtype, store_ax: bool = False,
                         out: Optional[torch.Tensor] = None,
-                        config: Optional[KernelConfig] = None):
+                        config: Optional[KernelConfig] = None,
+                        row_codes: Optional[torch.Tensor] = None):
     """:func:`fused_linear` without the checks: allocate and launch. For callers that validated
-    the layer once (the router's plans)."""
+    the layer once (the router's plans). ``row_codes`` (M,) int32: per-row adapters, factors.R
+    then holds one R per adapter (n, r, r) and row m uses R[row_codes[m]]."""
     n, k = weight.shape if isinstance(weight, NF4Weight) else tuple(weight.shape)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)            # a view when it can be; the kernel takes any strides
@@ -313,8 +328,10 @@ def launch_fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
         grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
         _fused_linear_kernel[grid](
             x2, o, b_, a_x, w, am, am2, c2, off, code, A, B, R,
+            R if row_codes is None else row_codes,
             m, n, k, k // 2, rank, x2.stride(0), x2.stride(1), som, son, swn, swk, san, sak,
-            GROUP_M=cfg.GROUP_M, **_meta(weight, factors, bias, ax, x, cfg))
+            GROUP_M=cfg.GROUP_M, ROW_ADAPTERS=row_codes is not None,
+            **_meta(weight, factors, bias, ax, x, cfg))
     out = out.view(*lead, n)
     return (out, ax) if store_ax else out
 

@@ -40,8 +40,9 @@ def _nf4_gemv_kernel(
     x_ptr, out_ptr, bias_ptr,
     # pointers: the NF4 weight; pair_ptr: 256 int64, byte b -> (level[b >> 4], level[b & 15])
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pair_ptr,
-    # pointers: the adapter, A (r, K) and BR = B R (N, r) fp32
-    a_ptr, br_ptr,
+    # pointers: the adapter, A (r, K) and BR = B R (N, r) fp32 (ROW_ADAPTERS: (n, N, r), one
+    # per adapter) and the adapter of each row of x (int32, ROW_ADAPTERS only)
+    a_ptr, br_ptr, rows_ptr,
     # sizes; KH = K / 2 (bytes per row); K_SLICE: weights per K slice (a multiple of 2 BKH)
     M, N, K, KH, K_SLICE,
     # strides
@@ -50,7 +51,7 @@ def _nf4_gemv_kernel(
     BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
 ):
     """Rows pid_n*BN.., K slice pid_k: acc[n, m] = Σ_k W[n, k] x[m, k] (+ BR[n] · A x[m]).
 
@@ -122,9 +123,13 @@ def _nf4_gemv_kernel(
     out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
     if HAS_ADAPTER:
         # this slice's share of (B R)(A x): BR (BN, r) against A x (M, r)
-        br = tl.load(br_ptr + rn64[:, None] * RANK + rr[None, :],
-                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        br_offs = rn64[:, None] * RANK + rr[None, :]
+        mask_br = mask_n[:, None] & mask_r[None, :]
+        br = tl.load(br_ptr + br_offs, mask=mask_br, other=0.0)
         for m in tl.static_range(M_PAD):
+            if ROW_ADAPTERS:       # row m's own adapter (rows past M read row M - 1's: unused)
+                code = tl.load(rows_ptr + tl.minimum(M - 1, m)).to(tl.int64)
+                br = tl.load(br_ptr + code * N * RANK + br_offs, mask=mask_br, other=0.0)
             ax_m = tl.sum(tl.where(cols[:, None] == m, ax, 0.0), axis=0)   # (R_PAD,)
             part = tl.sum(br * ax_m[None, :], axis=1)
             out += tl.where(cols[None, :] == m, part[:, None], 0.0)
@@ -179,12 +184,14 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
              factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
              config: Optional[GemvConfig] = None,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+             out: Optional[torch.Tensor] = None,
+             row_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x Wᵀ + B (R (A x)) + bias`` for x (..., K) with at most :data:`GEMV_MAX_M` rows.
 
     The caller has checked the call (the router's plan: NF4 storage with 64-weight blocks, x on
     the weight's device). B R (N x r, fp32) is formed here, one small product per call.
-    ``out``: a contiguous (M, N) buffer to write into.
+    ``out``: a contiguous (M, N) buffer to write into. ``row_codes`` (M,) int32: per-row
+    adapters; factors.R then holds one R per adapter (n, r, r) and row m uses R[row_codes[m]].
     """
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -199,6 +206,7 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     cfg = config or gemv_config(n, k)
     rank = 0 if factors is None else factors.A.shape[0]
     br = None if factors is None else (factors.B.float() @ factors.R.float()).contiguous()
+    # (with row adapters: B @ R_set broadcasts to (n, N, r), one B R per adapter)
     step = 2 * cfg.BKH
     k_slice = step * triton.cdiv(triton.cdiv(k, cfg.split), step)
     split = triton.cdiv(k, k_slice)
@@ -209,14 +217,14 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     _nf4_gemv_kernel[(triton.cdiv(n, cfg.BN), split)](
         x2, target, bias if bias is not None else out,
         packed, absmax, absmax2, code2, offset, pair_table(code),
-        A, br if br is not None else out,
+        A, br if br is not None else out, out if row_codes is None else row_codes,
         m, n, k, k // 2, k_slice,
         x2.stride(0), x2.stride(1), A.stride(0) if rank else 0, A.stride(1) if rank else 0,
         BN=cfg.BN, BKH=cfg.BKH, M_PAD=triton.next_power_of_2(m), RANK=max(rank, 1),
         R_PAD=triton.next_power_of_2(max(rank, 1)), BLOCKSIZE2=weight.blocksize2,
         DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
         HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
-        num_warps=cfg.num_warps)
+        ROW_ADAPTERS=row_codes is not None, num_warps=cfg.num_warps)
     if not direct:
         block = 1024 if not interpreting() else 64
         _sum_slices_kernel[(triton.cdiv(m * n, block),)](
