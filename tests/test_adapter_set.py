@@ -201,3 +201,22 @@ def test_the_kernels_read_each_rows_adapter(batch, steps, monkeypatch):
             with use_backend("triton"):
                 alone = clone(ids[i:i + 1].to(KERNEL_DEVICE)).logits.float()
         torch.testing.assert_close(got[i:i + 1], alone, rtol=2e-2, atol=2e-2)
+
+
+@needs_bnb
+def test_a_16bit_4bit_batch_gives_exactly_the_tokens_of_separate_generates():
+    # the users' setting: NF4, fp16 compute, bf16 model; every sequence its own v
+    model = tiny_qwen2(quantized=True, num_hidden_layers=2).eval()
+    gp = TinyLoRAGlobalParams(u_dim=16, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    vs = _vs(6, 16, seed=4)
+    adapters = AdapterSet(model, vs)
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with adapters.per_sequence(model, adapters.names):
+            together = model.generate(prompt.expand(6, -1), **kw)
+        for i, name in enumerate(adapters.names):
+            gp.global_v.copy_(vs[name])
+            assert torch.equal(together[i:i + 1], model.generate(prompt, **kw)), name

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .torch_path import LayerConstants, acc_dtype, no_autocast, r_from
+from .torch_path import LayerConstants, acc_dtype, folded_operand, no_autocast, r_from
 
 __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
            "layer_R", "inference_operands", "install_call_hooks", "model_call", "row_state"]
@@ -207,7 +207,7 @@ def _build_constants(layer, acc: torch.dtype) -> LayerConstants:
     a = b["Vh"].to(acc)
     p = b["P"].to(acc).reshape(b["P"].shape[0], -1)
     pt = p.t().contiguous()
-    return LayerConstants(a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt)
+    return LayerConstants(a=a, at=a.t(), b=B, bt=B.t(), p=pt.t(), pt=pt, pt64=pt.double())
 
 
 # -- per call: R and Aᵀ Rᵀ --------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def layer_R(layer, acc: torch.dtype) -> torch.Tensor:
     c = layer_constants(layer, acc)
     v = v_view(layer.global_params_ref, c.pt.device).to(acc)
     with no_autocast(c.pt.device.type):
-        return r_from(v, c.pt, layer.projection)
+        return r_from(v, c.pt, layer.projection, c.pt64)
 
 
 def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +234,7 @@ def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Ten
     c = layer_constants(layer, acc)
     v = v_view(layer.global_params_ref, c.pt.device).to(acc)
     with no_autocast(c.pt.device.type):           # (values of this call only: never kept)
-        return c.at @ r_from(v, c.pt, layer.projection).t(), c.bt
+        return folded_operand(c.at, r_from(v, c.pt, layer.projection, c.pt64).t()), c.bt
 
 
 class _Roster:
@@ -268,12 +268,12 @@ def _roster(gp) -> _Roster:
 
 
 def _full_pt(layer, c: LayerConstants) -> torch.Tensor:
-    """P as (r*r, u) whatever the projection: ``diagonal`` P becomes diag-embedded (the zeros add
-    exactly nothing), so one stacked product serves both."""
+    """P as (r*r, u) in float64 whatever the projection: ``diagonal`` P becomes diag-embedded
+    (the zeros add exactly nothing), so one stacked product serves both."""
     if layer.projection == "full":
-        return c.pt
+        return c.pt64
     r = layer.rank
-    return torch.diag_embed(c.p).reshape(c.p.shape[0], r * r).t()
+    return torch.diag_embed(c.pt64.t()).reshape(c.pt64.shape[1], r * r).t()
 
 
 def _build_groups(roster: _Roster, acc: torch.dtype):
@@ -286,7 +286,7 @@ def _build_groups(roster: _Roster, acc: torch.dtype):
     groups = []
     with torch.inference_mode(False), torch.no_grad():
         for (device, r, _), members in by_key.items():
-            pt = torch.cat([_full_pt(m, c) for m, c in members], 0)          # (G r r, u)
+            pt = torch.cat([_full_pt(m, c) for m, c in members], 0)          # (G r r, u) f64
             at = torch.stack([c.at for _, c in members], 0)                 # (G, K, r)
             groups.append((device, r, members, pt, at))
     return groups
@@ -316,11 +316,12 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
     if roster.groups is None or roster.groups[0] != acc:
         roster.groups = (acc, _build_groups(roster, acc))
     out: Dict[int, tuple] = {}
-    for device, r, members, pt, at in roster.groups[1]:     # (values of this call only)
+    for device, r, members, pt, at in roster.groups[1]:     # (this call's values only)
         with no_autocast(device.type):
             v = v_view(gp, device).to(acc)
-            R = torch.mv(pt, v).view(len(members), r, r)                   # every R at once
-            rat = torch.bmm(at, R.transpose(1, 2))                         # every Aᵀ Rᵀ at once
+            # every R at once, then every Aᵀ Rᵀ: the same bits as r_from / folded_operand
+            R = torch.mv(pt, v.to(torch.float64)).to(acc).view(len(members), r, r)
+            rat = folded_operand(at, R.transpose(1, 2))
         for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
             out[id(m)] = (Ri, rati, c.bt, c)
     return out
@@ -328,9 +329,9 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
 
 # -- per call, per sequence: every adapter's R ------------------------------------------------------
 def row_state(layer, acc: torch.Tensor):
-    """(R of every adapter of the call's set (n + 2, r, r) in ``acc``, the code of each sequence)
-    when the current model call has per-sequence adapters, else None. Differentiable in the set's
-    v's and the model's v under autograd."""
+    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence) when the
+    current model call has per-sequence adapters, else None. Differentiable in the set's v's
+    and the model's v under autograd."""
     call = current_call(layer.global_params_ref)
     if call is None or call.rows is None:
         return None
@@ -342,7 +343,8 @@ def row_state(layer, acc: torch.Tensor):
     c = layer_constants(layer, acc)
     if got is None or got[1] is not c:
         _roster(call.gp).add(layer)
-        got = (_rows_R(layer, c, _all_v(call, adapters, c.pt.device, acc)), c)
+        R = _rows_R(layer, c, _all_v(call, adapters, c.pt.device, acc))    # (n + 2, r, r)
+        got = (R.transpose(1, 2)[codes.to(R.device)], c)
         batch[id(layer)] = got
     return got[0], codes
 
@@ -358,7 +360,7 @@ def _all_v(call, adapters, device, acc):
 def _rows_R(layer, c: LayerConstants, all_v: torch.Tensor) -> torch.Tensor:
     r = layer.rank
     with no_autocast(all_v.device.type):
-        R = _full_pt(layer, c) @ all_v.t()                                  # (r r, n + 2)
+        R = (_full_pt(layer, c) @ all_v.t().to(torch.float64)).to(all_v.dtype)   # (r r, n + 2)
     return R.t().reshape(all_v.shape[0], r, r)
 
 
@@ -369,11 +371,14 @@ def _compute_row_batch(call, adapters, acc) -> Dict[int, tuple]:
     if roster.groups is None or roster.groups[0] != acc:
         roster.groups = (acc, _build_groups(roster, acc))
     out: Dict[int, tuple] = {}
+    codes = call.rows[1]
     for device, r, members, pt, _ in roster.groups[1]:
         all_v = _all_v(call, adapters, device, acc)
         with no_autocast(device.type):
-            R = (pt @ all_v.t()).view(len(members), r, r, all_v.shape[0])  # every layer, every v
-        R = R.permute(0, 3, 1, 2)
-        for (m, c), Rm in zip(members, R.unbind(0)):
+            R = (pt @ all_v.t().to(torch.float64)).to(acc)                  # every layer, v
+            R = R.view(len(members), r, r, all_v.shape[0])
+        # each sequence's Rᵀ, for every layer at once: (G, B, r, r)
+        Rt = R.permute(0, 3, 2, 1)[:, codes.to(device)]
+        for (m, c), Rm in zip(members, Rt.unbind(0)):
             out[id(m)] = (Rm, c)
     return out

@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="instead of timing: compile what a Qwen2.5-Coder-3B decoder layer "
                          "launches for Hopper (sm_90) and project it against the H200 roofline "
                          "(no GPU needed; every figure projected, none measured)")
+    p_bench.add_argument("--adapters", action="store_true",
+                         help="instead of the suite: the cost of a different v in every row of "
+                         "a batch against one shared v (a layer at M = 64, and generate)")
     p_bench.add_argument("--generate", action="store_true",
                          help="instead of the suite: tokens per second of eager generate on an "
                          "8-layer 4-bit tiny Qwen2, with and without the adapter")
@@ -383,6 +386,17 @@ def _bench(args) -> int:
         (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
         (out_dir / f"{stem}.md").write_text(static_report_markdown(data))
         print(static_report_markdown(data).split("\n\nPer launch")[0])
+        print(f"wrote {out_dir / stem}.json, .md")
+        return 0
+    if args.adapters:
+        from .bench_adapters import adapter_batch_cost, adapter_batch_markdown
+
+        data = adapter_batch_cost(device=device, progress=lambda msg: print(msg, flush=True))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = _free_stem(out_dir, args.name or f"adapters-{stamp}")
+        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+        (out_dir / f"{stem}.md").write_text(adapter_batch_markdown(data))
+        print(adapter_batch_markdown(data), end="")
         print(f"wrote {out_dir / stem}.json, .md")
         return 0
     if args.generate:

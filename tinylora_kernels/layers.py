@@ -268,7 +268,7 @@ class TinyLoRALinear(nn.Module):
                 # the registered op (one graph node), with the same operands as the eager path
                 c = self._constants(acc)
                 v = gp.compute_view(self._buffers["P"].device).to(acc)
-                f = AdapterFactors(A=c.a, B=c.b, R=r_from(v, c.pt, self.projection))
+                f = AdapterFactors(A=c.a, B=c.b, R=r_from(v, c.pt, self.projection, c.pt64))
                 return add_adapter(base, x, f, out_dtype, split16=plan.split16)
             if torch.is_grad_enabled() and (gp.global_v.requires_grad or x.requires_grad
                                             or base.requires_grad):
@@ -293,7 +293,7 @@ class TinyLoRALinear(nn.Module):
 
     def _forward_rows(self, x, plan, rows, compute_dtype, out_dtype):
         """The call with per-sequence adapters (:mod:`tinylora_kernels.adapter_set`)."""
-        R_set, codes = rows
+        Rt_rows, codes = rows
         if plan.path == "merged":
             raise ValueError(f"{self._label()} holds a merged ΔW (one adapter in its weight): "
                              "per-sequence adapters need unmerged layers")
@@ -302,11 +302,11 @@ class TinyLoRALinear(nn.Module):
 
             self._check_storage()
             out = kernel_forward_rows(plan, x.to(compute_dtype), self.kernel_weight(),
-                                      self.base_layer.bias, self, R_set, codes, out_dtype)
+                                      self.base_layer.bias, self, Rt_rows, out_dtype)
             if out is not None:
                 return out
         base = self._base_forward(x, compute_dtype)
-        return add_adapter_rows(base, x, self._constants(acc_dtype(x.dtype)), R_set, codes,
+        return add_adapter_rows(base, x, self._constants(acc_dtype(x.dtype)), Rt_rows,
                                 out_dtype)
 
     def _label(self) -> str:

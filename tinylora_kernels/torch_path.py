@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["PROJECTIONS", "AdapterFactors", "projection_matrix", "add_adapter", "add_adapter_rows",
+           "folded_operand",
            "add_adapter_inference", "split16", "split_operands", "mm_fp32", "mm_fp32_split",
            "SPLIT16_MIN_ELEMENTS"]
 
@@ -59,13 +60,20 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def r_from(v: torch.Tensor, pt: torch.Tensor, projection: str) -> torch.Tensor:
-    """R from v and ``pt`` = P reshaped to (u, r*r) [full] or (u, r) [diagonal] and transposed:
-    one matrix-vector product (plus a view or a diag). ``pt`` in v's dtype."""
+def r_from(v: torch.Tensor, pt: torch.Tensor, projection: str,
+           pt64: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """R from v and ``pt`` = P reshaped to (u, r*r) [full] or (u, r) [diagonal] and transposed,
+    in pt's dtype: one matrix-vector product (plus a view or a diag).
+
+    The sums over u are formed in float64 (``pt64``: pt in float64, when kept) and rounded once,
+    so R has the same bits whichever product forms it — this one, one for all layers, or one for
+    every adapter of a batch (:mod:`tinylora_kernels.adapter_state`)."""
+    pt64 = pt.double() if pt64 is None else pt64
+    flat = torch.mv(pt64, v.to(torch.float64)).to(pt.dtype)
     if projection == "full":
         r = math.isqrt(pt.shape[0])
-        return torch.mv(pt, v).view(r, r)
-    return torch.diag(torch.mv(pt, v))
+        return flat.view(r, r)
+    return torch.diag(flat)
 
 
 def no_autocast(device_type: str):
@@ -211,27 +219,38 @@ def _add_adapter_values(base, x, A, B, R, out_dtype, split: bool, need_ax: bool 
             return out.view(base.shape), ax
         x2 = x.reshape(-1, k).to(acc)
         at = A.to(acc).t()
-        out = _add_low_rank(base, x2, at @ R.to(acc).t(), B.to(acc).t(), out_dtype)
+        out = _add_low_rank(base, x2, folded_operand(at, R.to(acc).t()), B.to(acc).t(),
+                            out_dtype)
         return out, (x2 @ at if need_ax else None)
 
 
 def _add_low_rank(base, x2, rat, bt, out_dtype):
     """``round(base + (x2 rat) bt)`` in rat's dtype, one rounding; row blocks of ~1 MB on a CPU."""
-    acc = rat.dtype
+    return _add_z(base, (x2 @ rat).unsqueeze(0), bt, out_dtype)
+
+
+def _add_z(base, z3, bt, out_dtype):
+    """``round(base + z bt)`` in z's dtype, one rounding, for S sequences: z3 (S, T, r), base
+    (..., N) with S*T rows, bt (r, N).
+
+    One batched product whose entries are each one sequence's (T, r) x (r, N): a sequence gets
+    the same bits alone (S = 1) as in a batch where each sequence has its own adapter
+    (:func:`add_adapter_rows`) — a plain ``addmm`` over all rows at once rounds differently with
+    the number of rows on a CPU. On a CPU the output is formed in row blocks of ~1 MB per
+    sequence (the fp32 temporary of a whole (M, N) output does not fit in cache; 2x faster at
+    512 x 11008, same bits)."""
+    acc = z3.dtype
+    s, t = z3.shape[0], z3.shape[1]
     n = base.shape[-1]
-    base2 = base if base.dim() == 2 else base.reshape(-1, n)
-    rows = base2.shape[0]
-    if base2.device.type != "cpu" or rows * n <= CPU_CHUNK_ELEMENTS or \
-            base2.dtype == acc == out_dtype:
-        out = base2.to(acc, copy=True).addmm_(x2 @ rat, bt).to(out_dtype)
-        return out if base.dim() == 2 else out.view(base.shape)
-    # the fp32 temporary of a whole (M, N) output does not fit in cache on a CPU; row blocks
-    # of ~1 MB do (2x faster at 512 x 11008, same bits)
+    base3 = base.reshape(s, t, n)
+    btb = bt.expand(s, -1, -1)
+    if base3.device.type != "cpu" or t * n <= CPU_CHUNK_ELEMENTS or \
+            base3.dtype == acc == out_dtype:
+        return torch.baddbmm(base3.to(acc), z3, btb).to(out_dtype).view(base.shape)
     step = max(1, CPU_CHUNK_ELEMENTS // max(n, 1))
-    z = x2 @ rat
-    out = torch.empty(rows, n, dtype=out_dtype, device=base2.device)
-    for i in range(0, rows, step):
-        out[i:i + step] = torch.addmm(base2[i:i + step].to(acc), z[i:i + step], bt)
+    out = torch.empty(s, t, n, dtype=out_dtype, device=base3.device)
+    for i in range(0, t, step):
+        out[:, i:i + step] = torch.baddbmm(base3[:, i:i + step].to(acc), z3[:, i:i + step], btb)
     return out.view(base.shape)
 
 
@@ -360,9 +379,9 @@ class _LayerAdapter(torch.autograd.Function):
         at, bt, pt = consts.at, consts.bt, consts.pt
         acc = at.dtype
         with no_autocast(x.device.type):
-            R = r_from(v.to(acc), pt, projection)
+            R = r_from(v.to(acc), pt, projection, consts.pt64)
             x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(acc)
-            out = _add_low_rank(base, x2, at @ R.t(), bt, out_dtype)
+            out = _add_low_rank(base, x2, folded_operand(at, R.t()), bt, out_dtype)
             ax = x2 @ at
         ctx.save_for_backward(ax, R)
         ctx.meta = (consts, projection, base.dtype, x.dtype, x.shape, v.dtype)
@@ -400,6 +419,7 @@ class LayerConstants:
     bt: torch.Tensor
     p: torch.Tensor
     pt: torch.Tensor
+    pt64: torch.Tensor = None   # pt in float64: R is summed in float64, rounded once (r_from)
 
 
 def layer_adapter(base: torch.Tensor, x: torch.Tensor, v: torch.Tensor, consts: LayerConstants,
@@ -410,13 +430,13 @@ def layer_adapter(base: torch.Tensor, x: torch.Tensor, v: torch.Tensor, consts: 
 
 def add_adapter_inference(base: torch.Tensor, x: torch.Tensor, rat: torch.Tensor,
                           bt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``base + (x (Aᵀ Rᵀ)) Bᵀ`` without autograd, the layer's constant operands prepared.
+    """``base + (x (Aᵀ Rᵀ)) Bᵀ`` without autograd, the operands prepared.
 
-    ``rat`` = Aᵀ Rᵀ (K, r) and ``bt`` = Bᵀ (r, N), in the accumulation dtype (fp32, or float64
-    for float64 x), kept by the layer until v or a buffer changes: a decode step then issues a
-    cast, one product and one ``addmm`` for the adapter, and rounds once. The same operations in
-    the same order as :func:`add_adapter`'s fp32 form, so inference and training give the same
-    bits.
+    ``rat`` = Aᵀ Rᵀ (K, r), formed from v's values in this call (for every layer at once within a
+    model call), and ``bt`` = Bᵀ (r, N), in the accumulation dtype (fp32, or float64 for float64
+    x): a decode step then issues a cast, one product and one batched ``addmm`` for the adapter,
+    and rounds once. The same operations in the same order as :func:`add_adapter`'s fp32 form, so
+    inference and training give the same bits.
     """
     x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(rat.dtype)
     with no_autocast(x.device.type):
@@ -424,21 +444,30 @@ def add_adapter_inference(base: torch.Tensor, x: torch.Tensor, rat: torch.Tensor
 
 
 def add_adapter_rows(base: torch.Tensor, x: torch.Tensor, consts: LayerConstants,
-                     R_set: torch.Tensor, codes: torch.Tensor,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """``base + B (R_b (A x))`` with each sequence b of the batch using its own R: ``R_set``
-    (n, r, r) holds every adapter's R, ``codes`` (B,) the one of each sequence (x is batch-first:
-    (B, ..., K)). Batched products, no per-row loop; fp32 accumulation, one rounding;
-    differentiable in base, x and R_set."""
-    nb = codes.shape[0]
+                     Rt_rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``base + B (R_b (A x))`` with each sequence b of the batch using its own R: ``Rt_rows``
+    (B, r, r) holds each sequence's Rᵀ (x is batch-first: (B, ..., K)). Batched products, no
+    per-row loop, each sequence through the same products as alone with its v (``Aᵀ Rᵀ``, then
+    ``x (Aᵀ Rᵀ)``, then :func:`_add_z`), so it gets the same bits; differentiable in base, x and
+    Rt_rows."""
+    nb = Rt_rows.shape[0]
     if x.dim() < 2 or x.shape[0] != nb:
         raise ValueError(f"per-sequence adapters: the call's batch has {nb} sequences, but this "
                          f"layer got an input of shape {tuple(x.shape)} (batch first expected)")
-    k, n = x.shape[-1], base.shape[-1]
+    k = x.shape[-1]
     acc = consts.at.dtype
     with no_autocast(x.device.type):
-        ax = x.reshape(nb, -1, k).to(acc) @ consts.at                       # (B, T, r)
-        z = torch.bmm(ax, R_set.to(acc)[codes].transpose(1, 2))             # (B, T, r)
-        out = torch.baddbmm(base.reshape(nb, -1, n).to(acc), z,
-                            consts.bt.expand(nb, -1, -1))
-    return out.to(out_dtype).view(base.shape)
+        rat_rows = folded_operand(consts.at, Rt_rows.to(acc))                  # (B, K, r)
+        z = torch.bmm(x.reshape(nb, -1, k).to(acc), rat_rows)                # (B, T, r)
+        return _add_z(base, z, consts.bt, out_dtype)
+
+
+def folded_operand(at: torch.Tensor, Rt: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ Rᵀ``: at (K, r) or (G, K, r), Rt (r, r) or (G, r, r) -> (K, r) or (G, K, r) (the
+    entries of a batched product round as the plain product of one)."""
+    if at.dim() == 2 and Rt.dim() == 2:
+        return at @ Rt
+    at3 = at if at.dim() == 3 else at.unsqueeze(0)
+    rt3 = Rt if Rt.dim() == 3 else Rt.unsqueeze(0)
+    g = max(at3.shape[0], rt3.shape[0])
+    return torch.bmm(at3.expand(g, -1, -1), rt3.expand(g, -1, -1))

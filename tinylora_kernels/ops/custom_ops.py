@@ -50,17 +50,18 @@ def kernel_forward(path: str, x, weight, bias, factors, *, out_dtype, store_ax=F
                                config=config)
 
 
-def kernel_forward_rows(plan, x, weight, bias, layer, R_set, codes, out_dtype):
-    """``layer(x)`` by the planned kernel with each sequence's own R (``R_set[codes[b]]``);
-    None when the planned kernel does not take per-row adapters (the caller then uses the torch
-    path)."""
-    nb = codes.shape[0]
+def kernel_forward_rows(plan, x, weight, bias, layer, Rt_rows, out_dtype):
+    """``layer(x)`` by the planned kernel with each sequence's own R (``Rt_rows`` (B, r, r):
+    each sequence's Rᵀ); None when the planned kernel does not take per-row adapters (the caller
+    then uses the torch path)."""
+    nb = Rt_rows.shape[0]
     if x.dim() < 2 or x.shape[0] != nb:
         return None
     rows_per_seq = x.numel() // (x.shape[-1] * nb) if x.numel() else 0
-    row_codes = codes.repeat_interleave(rows_per_seq).to(torch.int32)       # per row of x
+    row_codes = torch.arange(nb, device=x.device, dtype=torch.int32).repeat_interleave(
+        rows_per_seq)                                           # row of x -> its sequence
     f = layer.adapter_factors()
-    factors = AdapterFactors(A=f.A, B=f.B, R=R_set)
+    factors = AdapterFactors(A=f.A, B=f.B, R=Rt_rows.transpose(1, 2).contiguous())
     if plan.path == "gemv":
         return nf4_gemv(x, weight, bias, factors, out_dtype=out_dtype, config=plan.config,
                         row_codes=row_codes)
