@@ -8,13 +8,14 @@ Importing this package needs neither a GPU nor Triton nor bitsandbytes.
 """
 
 from .adapter_set import AdapterSet
-from .backend import set_backend, use_backend
+from .backend import use_backend
 from .checkpoint import (CheckpointError, TinyLoRACheckpoint, load_tiny_lora, read_checkpoint,
                          save_tiny_lora)
 from .factors import FactorCache
 from .interop import (export_lora, export_merged, import_peft_tinylora, merge_tiny_lora,
                       unmerge_tiny_lora)
-from .layers import TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora, tiny_lora_layers
+from .layers import (TinyLoRAGlobalParams, TinyLoRALinear, apply_tiny_lora, set_backend,
+                     tiny_lora_layers)
 from .nf4 import NF4Weight, dequantize_nf4
 from .reference import AdapterFactors, adapter_delta, projection_matrix
 

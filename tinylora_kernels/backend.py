@@ -5,7 +5,9 @@ Three ways to ask, the most specific scope first:
 
 1. ``with use_backend("reference"): ...`` — for the calls inside the block, in this thread or
    asyncio task only (a :mod:`contextvars` variable: thread-safe, nothing global is rewritten);
-2. ``set_backend(model, "triton")`` — for the TinyLoRA layers of one model (``None`` clears it);
+2. ``set_backend(model, "triton")`` — for the TinyLoRA layers of one model (``None`` clears it;
+   defined with the layers, :func:`tinylora_kernels.layers.set_backend`, which this module, below
+   them, does not import);
 3. ``TINYLORA_BACKEND`` — for the process; checked when the package is imported and when layers are
    applied, so a typo is reported there, naming the valid values.
 
@@ -96,19 +98,3 @@ def use_backend(name: str):
 
 #: The former name of :func:`use_backend`.
 forced = use_backend
-
-
-def set_backend(model, name: Optional[str]) -> int:
-    """Set the backend of every TinyLoRA layer in ``model`` (``None``: follow the environment).
-
-    Returns the number of layers set. A ``with use_backend(...)`` block still takes precedence.
-    """
-    from .layers import TinyLoRALinear
-
-    value = None if name is None else validate(name)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TinyLoRALinear):
-            module.backend = value
-            count += 1
-    return count

@@ -389,7 +389,7 @@ def _bench(args) -> int:
         print(f"wrote {out_dir / stem}.json, .md")
         return 0
     if args.adapters:
-        from .bench_adapters import adapter_batch_cost, adapter_batch_markdown
+        from .bench.adapters import adapter_batch_cost, adapter_batch_markdown
 
         data = adapter_batch_cost(device=device, progress=lambda msg: print(msg, flush=True))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +400,7 @@ def _bench(args) -> int:
         print(f"wrote {out_dir / stem}.json, .md")
         return 0
     if args.generate:
-        from .bench_generate import generate_cost, generate_cost_markdown
+        from .bench.generate import generate_cost, generate_cost_markdown
 
         data = generate_cost(device=device, progress=lambda msg: print(msg, flush=True))
         out_dir.mkdir(parents=True, exist_ok=True)

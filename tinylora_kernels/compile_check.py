@@ -245,7 +245,6 @@ def planned_calls(matrix: str = "full") -> Iterator[Tuple[str, callable]]:
             yield (f"decode {tag} M={large_m}",
                    functools.partial(dequantize_nf4_triton, w, act))
     # per-sequence adapters (adapter_set.py): each row reads its own R (B R for the GEMV)
-    from .ops.custom_ops import kernel_forward_rows  # noqa: F401  (the path these calls model)
     from .ops.fused_linear import launch_fused_linear
     from .ops.nf4_gemv import nf4_gemv
     from .torch_path import AdapterFactors

@@ -36,7 +36,7 @@ from .nf4 import dequantize_nf4
 log = logging.getLogger(__name__)
 
 __all__ = ["SVD_METHODS", "RNG_SCHEMES", "FactorCache", "base_weight_fp32", "top_r_svd",
-           "draw_projections", "p_scale"]
+           "draw_projections", "p_scale", "global_rng_is_fresh", "finite_weight_fp32"]
 
 SVD_METHODS = ("cpu", "device")
 RNG_SCHEMES = ("global", "per_layer")
@@ -171,3 +171,39 @@ class FactorCache:
         result = top_r_svd(base_weight_fp32(layer), rank, method)
         self.store(key, result)
         return result
+
+
+def global_rng_is_fresh(targets, seed: int) -> bool:
+    """Whether the generators P will be drawn from sit exactly at ``manual_seed(seed)``.
+
+    Only then does the seed alone reproduce P; checkpoints record it so a wrong seed at save time
+    is caught instead of silently producing a file that restores a different model.
+    """
+    devices = {child.weight.device for _, _, child in targets}
+    try:
+        for dev in devices:
+            if dev.type == "cpu":
+                state = torch.get_rng_state()
+                ref = torch.Generator().manual_seed(seed).get_state()
+            elif dev.type == "cuda":
+                state = torch.cuda.get_rng_state(dev)
+                ref = torch.Generator(device=dev).manual_seed(seed).get_state()
+            else:
+                return False
+            if not torch.equal(state, ref):
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def finite_weight_fp32(layer) -> torch.Tensor:
+    """:func:`base_weight_fp32`, or ValueError when it holds NaN or Inf (its SVD would be NaN,
+    and so every output of the adapted layer, whatever v)."""
+    W = base_weight_fp32(layer)
+    bad = ~torch.isfinite(W)
+    if bad.any():
+        raise ValueError(f"the base weight holds {int(bad.sum())} NaN/Inf value(s) (first at "
+                         f"{tuple(bad.nonzero()[0].tolist())}); its SVD, and so the adapter, "
+                         "would be NaN")
+    return W

@@ -18,8 +18,10 @@ import torch.nn as nn
 from . import adapter_state, backend, merge_state, router
 from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
                   linear4bit_forward, nf4_of, restore_canonical_layout)
-from .factors import SVD_METHODS, FactorCache, base_weight_fp32, draw_projections, top_r_svd
+from .factors import SVD_METHODS, FactorCache, draw_projections, top_r_svd
+from .factors import finite_weight_fp32, global_rng_is_fresh
 from .grouping import grouped_forward, link_groups
+from .params import TinyLoRAGlobalParams
 from .validation import as_int
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
                          add_adapter_rows, LayerConstants, acc_dtype, layer_adapter, r_from)
@@ -27,7 +29,7 @@ from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_i
 log = logging.getLogger(__name__)
 
 __all__ = ["TARGET_SUFFIXES", "TinyLoRAGlobalParams", "TinyLoRALinear", "apply_tiny_lora",
-           "find_targets", "tiny_lora_layers"]
+           "find_targets", "tiny_lora_layers", "set_backend"]
 
 #: Child names (suffixes) that ``apply_tiny_lora`` replaces, as in the users' program.
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,45 +37,6 @@ TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 #: Every buffer of a TinyLoRA layer is stored in bf16: the function the users trained is fixed by
 #: these bf16 values, so dtype conversions of the model (``.half()``, ``.float()``) leave them be.
 BUFFER_DTYPE = torch.bfloat16
-
-
-class TinyLoRAGlobalParams(nn.Module):
-    """The one trainable vector v (``global_v``, zeros of shape (u_dim,)) shared by every layer.
-
-    Calling the module returns ``global_v``. Whole-model dtype casts (``model.half()``,
-    ``model.to(torch.bfloat16)``) move v but keep its dtype: trained entries are often ~1e-5,
-    which fp16 would flush towards zero. Choose v's dtype at construction (or assign
-    ``global_v.data``).
-    """
-
-    def __init__(self, u_dim: int = 16, device="cpu", dtype=torch.bfloat16):
-        super().__init__()
-        u_dim = as_int(u_dim, "u_dim")
-        if u_dim < 1:
-            raise ValueError(f"u_dim must be a positive int, got {u_dim!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch dtype (v is trained by gradients), "
-                            f"got {dtype!r}")
-        self.global_v = nn.Parameter(torch.zeros(u_dim, device=device, dtype=dtype))
-
-    def forward(self) -> torch.Tensor:
-        return self.global_v
-
-    def compute_view(self, device) -> torch.Tensor:
-        """v in fp32 (float64 for float64 v) on ``device``, from v's values now: one tensor per
-        model call, read by every layer (see :mod:`tinylora_kernels.adapter_state`)."""
-        return adapter_state.v_view(self, device)
-
-    def _apply(self, fn, recurse=True):
-        old, old_grad = self.global_v.data, self.global_v.grad
-        super()._apply(fn, recurse)
-        v = self.global_v
-        if v.dtype != old.dtype:
-            v.data = old.to(v.device)
-        if old_grad is not None and v.grad is not None and v.grad.dtype != v.dtype:
-            # the gradient follows v (an optimizer step would otherwise mix the two dtypes)
-            v.grad = old_grad.to(device=v.device, dtype=v.dtype)
-        return self
 
 
 class TinyLoRALinear(nn.Module):
@@ -113,10 +76,10 @@ class TinyLoRALinear(nn.Module):
         if factor_cache is not None:
             U, S, Vh = factor_cache.factors(original_layer, rank, svd)
             if not all(torch.isfinite(t).all() for t in (U, S, Vh)):
-                self._checked_weight(original_layer)          # names the cause
+                finite_weight_fp32(original_layer)          # names the cause
                 raise ValueError("the cached SVD factors hold NaN/Inf values")
         else:
-            U, S, Vh = top_r_svd(self._checked_weight(original_layer), rank, svd)
+            U, S, Vh = top_r_svd(finite_weight_fp32(original_layer), rank, svd)
         # only now, with nothing left that can fail, does the base layer change hands
         self._wrap(original_layer, rank, u, global_params_ref, projection, svd)
         self.scales_rounded_bf16 = rounded
@@ -194,18 +157,6 @@ class TinyLoRALinear(nn.Module):
                              f"this {n} x {k} layer, got {rank!r}")
         return u
 
-    @staticmethod
-    def _checked_weight(original_layer) -> torch.Tensor:
-        """The base weight in fp32 for the SVD; ValueError when it holds NaN or Inf (its SVD
-        would be NaN, and so every output of the layer, whatever v)."""
-        W = base_weight_fp32(original_layer)
-        bad = ~torch.isfinite(W)
-        if bad.any():
-            raise ValueError(f"the base weight holds {int(bad.sum())} NaN/Inf value(s) (first at "
-                             f"{tuple(bad.nonzero()[0].tolist())}); its SVD, and so the "
-                             "adapter, would be NaN")
-        return W
-
     def _wrap(self, original_layer, rank, u, global_params_ref, projection, svd):
         """Take ownership of the (frozen) base layer; the arguments passed ``_check_args``."""
         self.base_layer = original_layer
@@ -220,7 +171,7 @@ class TinyLoRALinear(nn.Module):
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
         self.merged = False                 # ΔW folded into the base weight (merge_state.py)
         self.merged_v: Optional[torch.Tensor] = None    # the v whose ΔW was folded in
-        self.backend: Optional[str] = None  # per-model backend (backend.set_backend)
+        self.backend: Optional[str] = None  # per-model backend (set_backend)
         self.layer_name: Optional[str] = None   # qualified name, set by apply_tiny_lora
 
     # -- the factors (kept: the frozen buffers' constants; per call: R; adapter_state.py) -----
@@ -433,6 +384,20 @@ def find_targets(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Module]]:
     return found
 
 
+def set_backend(model: nn.Module, name: Optional[str]) -> int:
+    """Set the backend of every TinyLoRA layer in ``model`` (``None``: follow the environment).
+
+    Returns the number of layers set. A ``with use_backend(...)`` block still takes precedence.
+    """
+    value = None if name is None else backend.validate(name)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TinyLoRALinear):
+            module.backend = value
+            count += 1
+    return count
+
+
 def tiny_lora_layers(model: nn.Module) -> List[Tuple[str, TinyLoRALinear]]:
     """(qualified name, layer) of every TinyLoRALinear in the model, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TinyLoRALinear)]
@@ -485,7 +450,7 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
     if factor_cache is not None and not isinstance(factor_cache, FactorCache):
         factor_cache = FactorCache(factor_cache)
     seed = torch.initial_seed() if rng_seed is None else rng_seed
-    fresh = rng_seed is not None or _global_rng_is_fresh(targets, seed)
+    fresh = rng_seed is not None or global_rng_is_fresh(targets, seed)
     names = {id(m): n for n, m in model.named_modules()}
 
     from tqdm.auto import tqdm
@@ -528,27 +493,3 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
         model.requires_grad_(False)
         global_params_ref.global_v.requires_grad_(True)
     return len(built)
-
-
-def _global_rng_is_fresh(targets, seed: int) -> bool:
-    """Whether the generators P will be drawn from sit exactly at ``manual_seed(seed)``.
-
-    Only then does the seed alone reproduce P; checkpoints record it so a wrong seed at save time
-    is caught instead of silently producing a file that restores a different model.
-    """
-    devices = {child.weight.device for _, _, child in targets}
-    try:
-        for dev in devices:
-            if dev.type == "cpu":
-                state = torch.get_rng_state()
-                ref = torch.Generator().manual_seed(seed).get_state()
-            elif dev.type == "cuda":
-                state = torch.cuda.get_rng_state(dev)
-                ref = torch.Generator(device=dev).manual_seed(seed).get_state()
-            else:
-                return False
-            if not torch.equal(state, ref):
-                return False
-    except Exception:
-        return False
-    return True

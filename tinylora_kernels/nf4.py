@@ -148,11 +148,3 @@ def dequantize_nf4(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
     scales = nf4_block_scales(w)[:nblocks]
     values = levels.view(nblocks, w.blocksize) * scales[:, None]
     return values.reshape(-1)[:numel].view(n, k).to(dtype)
-
-
-def __getattr__(name):
-    # the bitsandbytes glue lives in tinylora_kernels.bnb; this name stays importable from here
-    if name == "restore_canonical_layout":
-        from .bnb import restore_canonical_layout
-        return restore_canonical_layout
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

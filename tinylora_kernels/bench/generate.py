@@ -38,9 +38,9 @@ def _env_set(name: str, value):
 def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds: int = 7,
                   device: str = "cpu", progress: Callable[[str], None] = None) -> dict:
     """Tokens/s of the three contenders above (see the module docstring)."""
-    from . import TinyLoRAGlobalParams, apply_tiny_lora
-    from .bench import _environment
-    from .testing import tiny_qwen2
+    from .. import TinyLoRAGlobalParams, apply_tiny_lora
+    from .timing import _environment
+    from ..testing import tiny_qwen2
 
     say = progress or (lambda msg: None)
     say("building the models")

@@ -40,7 +40,7 @@ def _interleaved(fns: Dict[str, Callable], rounds: int, reps: int) -> Dict[str, 
 def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
     import bitsandbytes as bnb
 
-    from . import AdapterSet, TinyLoRAGlobalParams, apply_tiny_lora
+    from .. import AdapterSet, TinyLoRAGlobalParams, apply_tiny_lora
 
     gen = torch.Generator().manual_seed(0)
     lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
@@ -82,8 +82,8 @@ def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
 
 
 def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dict:
-    from . import AdapterSet, TinyLoRAGlobalParams, apply_tiny_lora
-    from .testing import tiny_qwen2
+    from .. import AdapterSet, TinyLoRAGlobalParams, apply_tiny_lora
+    from ..testing import tiny_qwen2
 
     model = tiny_qwen2(True, num_hidden_layers=8, seed=0, device=device).eval()
     gp = TinyLoRAGlobalParams(u_dim=16, device=device)
@@ -115,7 +115,7 @@ def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dic
 def adapter_batch_cost(device: str = "cpu", rounds: int = 7, progress=None) -> dict:
     """Both measurements (see the module docstring); ratios are time(v per row) /
     time(shared v)."""
-    from .bench import _environment
+    from .timing import _environment
 
     say = progress or (lambda msg: None)
     say("layer, M = 64")

@@ -1,0 +1,137 @@
+"""The suite's cases and what each provider runs (see :mod:`tinylora_kernels.bench`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import use_backend as _backend
+
+#: (N, K) of every adapted linear, and the decoder-layer count, per model.
+MODELS: Dict[str, dict] = {
+    "qwen2.5-coder-3b": {"layers": 36, "shapes": {
+        "q_proj": (2048, 2048), "k_proj": (256, 2048), "v_proj": (256, 2048),
+        "o_proj": (2048, 2048), "gate_proj": (11008, 2048), "up_proj": (11008, 2048),
+        "down_proj": (2048, 11008)}},
+    "qwen2.5-7b": {"layers": 28, "shapes": {
+        "q_proj": (3584, 3584), "k_proj": (512, 3584), "v_proj": (512, 3584),
+        "o_proj": (3584, 3584), "gate_proj": (18944, 3584), "up_proj": (18944, 3584),
+        "down_proj": (3584, 18944)}},
+    # the same structure at a size a 2-core CPU runs in seconds
+    "cpu-reduced": {"layers": 2, "shapes": {
+        "q_proj": (256, 256), "k_proj": (64, 256), "v_proj": (64, 256), "o_proj": (256, 256),
+        "gate_proj": (704, 256), "up_proj": (704, 256), "down_proj": (256, 704)}},
+}
+PROVIDERS = ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")
+#: what each provider runs (the bench Markdown's legend)
+PROVIDER_DESCRIPTIONS = {
+    "materialized": "the users' reference program: bitsandbytes Linear4bit + ΔW rebuilt (out x "
+                    "in) at every call + a second full matmul",
+    "peft_style": "bitsandbytes Linear4bit + the factorized adapter as separate torch ops "
+                  "(x Aᵀ, · Rᵀ, · Bᵀ, add)",
+    "bnb_base": "bitsandbytes Linear4bit alone, no adapter",
+    "dense_bf16": "torch linear on the unquantized weight (bf16 on a GPU, fp32 on a CPU), no "
+                  "adapter",
+    "reference": "this package's torch path: TinyLoRALinear with the reference backend",
+    "fused": "this package's Triton kernels: TinyLoRALinear with the triton backend",
+}
+MODES = ("fwd", "bwd", "fwd+bwd")
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+RANK, U = 2, 13
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    layer: str       # a linear's name, "decoder_layer", or "stack<N>"
+    M: int
+    mode: str
+
+    def linears(self) -> List[tuple]:
+        shapes = MODELS[self.model]["shapes"]
+        if self.layer in shapes:
+            return [(self.layer, *shapes[self.layer])]
+        repeat = int(self.layer[5:]) if self.layer.startswith("stack") else 1
+        return [(name, n, k) for _ in range(repeat) for name, (n, k) in shapes.items()]
+
+
+def default_cases(device: str, models=None, ms=None, modes=("fwd",), layers=None) -> List[Case]:
+    """The default set: every linear, plus the decoder layer, for each model, M and mode."""
+    if models is None:
+        models = ["qwen2.5-coder-3b"] if device == "cuda" else ["cpu-reduced"]
+    if ms is None:
+        ms = [1, 16, 128, 4096] if device == "cuda" else [1, 16, 128]
+    cases = []
+    for model in models:
+        names = layers or (list(MODELS[model]["shapes"]) + ["decoder_layer"])
+        cases += [Case(model, name, m, mode) for mode in modes for m in ms for name in names]
+    return cases
+
+
+# -- the layers each provider runs ------------------------------------------------------------
+class _Linear:
+    """One adapted linear in every form the providers need, built from one random weight."""
+
+    def __init__(self, n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator):
+        import bitsandbytes as bnb
+
+        from .. import TinyLoRAGlobalParams, TinyLoRALinear
+
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        self.dense = w.to(device)
+        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True,
+                                quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False,
+                                       quant_type="nf4").to(device)
+        self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
+        self.layer = TinyLoRALinear(lin, RANK, None, self.gp, projection="diagonal",
+                                    svd="device" if device == "cuda" else "cpu",
+                                    generator=torch.Generator().manual_seed(n * 7 + k))
+        with torch.no_grad():
+            self.gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+        self.lin4 = lin
+
+    def base(self, x):
+        import bitsandbytes as bnb
+
+        # called directly: Linear4bit.forward would repack the weight in place on some CPUs
+        return bnb.matmul_4bit(x, self.lin4.weight.t(), quant_state=self.lin4.weight.quant_state)
+
+    def factors(self, dtype):
+        f = self.layer.adapter_factors()
+        return f.A.to(dtype), f.B.to(dtype), f.R.to(dtype)
+
+    def run(self, provider: str, x):
+        if provider == "bnb_base":
+            return self.base(x)
+        if provider in ("peft_style", "dense_bf16"):
+            A, B, R = self.factors(x.dtype)
+            base = self.base(x) if provider == "peft_style" else F.linear(x, self.dense)
+            return base + ((x @ A.t()) @ R.t()) @ B.t()
+        if provider == "materialized":
+            lay = self.layer
+            v = self.gp.global_v.to(torch.bfloat16)
+            R = torch.diag(v @ lay.P)
+            delta = (lay.U * lay.S) @ R @ lay.Vh               # out x in, every call
+            return self.base(x) + x @ delta.to(x.dtype).t()
+        with _backend("triton" if provider == "fused" else "reference"):
+            return self.layer(x)
+
+
+def provider_missing(provider: str, device: str) -> Optional[str]:
+    """None when the provider can run on ``device``, else why not."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return "bitsandbytes is not installed"
+    if provider == "fused":
+        from ..ops import triton_missing
+
+        why = triton_missing()
+        if why is None and device == "cpu":
+            why = "the Triton kernels are timed on a GPU (their CPU interpreter is for tests)"
+        return why
+    return None
