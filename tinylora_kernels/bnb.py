@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Weight, dequantize_nf4
+from .nf4 import NF4Weight, dequantize_nf4, is_cpu_packed, restore_canonical_layout
 
 __all__ = ["is_linear4bit", "nf4_of", "linear4bit_compute_dtype", "linear4bit_forward",
            "restore_canonical_layout", "is_cpu_packed", "declare_adapter"]
@@ -45,31 +45,6 @@ def is_linear4bit(layer) -> bool:
 def nf4_of(layer) -> NF4Weight:
     """The :class:`NF4Weight` view of a ``Linear4bit``'s storage (views, no copy)."""
     return NF4Weight.from_bnb(layer.weight)
-
-
-def is_cpu_packed(layer) -> bool:
-    """Whether bitsandbytes repacked this layer's weight into its CPU-only layout."""
-    qs = getattr(layer.weight, "quant_state", None)
-    return qs is not None and bool(getattr(qs, "packing_format_for_cpu", False))
-
-
-def restore_canonical_layout(layer) -> bool:
-    """Undo bitsandbytes' in-place CPU repacking of a ``Linear4bit``, if it happened.
-
-    bitsandbytes (0.50, CPUs with AVX512-BF16) rewrites ``weight.data`` into a CPU-specific layout
-    at the first eval-mode forward. It undoes this itself before moving a layer to a GPU or saving
-    it; this does the same so that the NF4 layout holds again. The block scales stay rounded to
-    bf16 (that rounding is what the layer computes with from then on). Returns True when the
-    layout was restored.
-    """
-    if not is_cpu_packed(layer):
-        return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    weight = layer.weight
-    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-        weight.data, weight.quant_state)
-    return True
 
 
 def linear4bit_compute_dtype(layer, x: torch.Tensor) -> torch.dtype:

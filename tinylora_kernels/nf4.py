@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["NF4_CODE", "NF4Weight", "dequantize_nf4", "nf4_block_scales"]
+__all__ = ["NF4_CODE", "NF4Weight", "dequantize_nf4", "nf4_block_scales", "is_cpu_packed",
+           "restore_canonical_layout"]
 
 # The 16 NF4 levels (bitsandbytes' table, index = 4-bit code). Used when a quant state carries
 # no table of its own; a quant state's own ``code`` always wins.
@@ -148,3 +149,30 @@ def dequantize_nf4(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
     scales = nf4_block_scales(w)[:nblocks]
     values = levels.view(nblocks, w.blocksize) * scales[:, None]
     return values.reshape(-1)[:numel].view(n, k).to(dtype)
+
+
+# bitsandbytes' CPU-only layout: recognised and undone here, with the format it departs from (the
+# rest of the bitsandbytes glue is tinylora_kernels.bnb, above this module)
+def is_cpu_packed(layer) -> bool:
+    """Whether bitsandbytes repacked this layer's weight into its CPU-only layout."""
+    qs = getattr(layer.weight, "quant_state", None)
+    return qs is not None and bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def restore_canonical_layout(layer) -> bool:
+    """Undo bitsandbytes' in-place CPU repacking of a ``Linear4bit``, if it happened.
+
+    bitsandbytes (0.50, CPUs with AVX512-BF16) rewrites ``weight.data`` into a CPU-specific layout
+    at the first eval-mode forward. It undoes this itself before moving a layer to a GPU or saving
+    it; this does the same so that the NF4 layout holds again. The block scales stay rounded to
+    bf16 (that rounding is what the layer computes with from then on). Returns True when the
+    layout was restored.
+    """
+    if not is_cpu_packed(layer):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = layer.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+        weight.data, weight.quant_state)
+    return True
