@@ -332,6 +332,19 @@ def _free_stem(out_dir, stem: str) -> str:
     return candidate
 
 
+def _write_mode(out_dir, stem: str, data: dict, table: str, shown: Optional[str] = None) -> int:
+    """Write a bench mode's JSON and Markdown under new names in ``out_dir``; print the table."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _free_stem(out_dir, stem)
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (out_dir / f"{stem}.md").write_text(table)
+    print(table if shown is None else shown, end="")
+    print(f"wrote {out_dir / stem}.json, .md")
+    return 0
+
+
 def _bench(args) -> int:
     import json
     from pathlib import Path
@@ -381,35 +394,21 @@ def _bench(args) -> int:
                   file=sys.stderr)
             return 2
         data = static_report(progress=lambda msg: print(msg, flush=True))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = _free_stem(out_dir, args.name or f"compiled-sm90-{stamp}")
-        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-        (out_dir / f"{stem}.md").write_text(static_report_markdown(data))
-        print(static_report_markdown(data).split("\n\nPer launch")[0])
-        print(f"wrote {out_dir / stem}.json, .md")
-        return 0
+        table = static_report_markdown(data)
+        return _write_mode(out_dir, args.name or f"compiled-sm90-{stamp}", data, table,
+                           shown=table.split("\n\nPer launch")[0] + "\n")
     if args.adapters:
         from .bench.adapters import adapter_batch_cost, adapter_batch_markdown
 
         data = adapter_batch_cost(device=device, progress=lambda msg: print(msg, flush=True))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = _free_stem(out_dir, args.name or f"adapters-{stamp}")
-        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-        (out_dir / f"{stem}.md").write_text(adapter_batch_markdown(data))
-        print(adapter_batch_markdown(data), end="")
-        print(f"wrote {out_dir / stem}.json, .md")
-        return 0
+        return _write_mode(out_dir, args.name or f"adapters-{stamp}", data,
+                           adapter_batch_markdown(data))
     if args.generate:
         from .bench.generate import generate_cost, generate_cost_markdown
 
         data = generate_cost(device=device, progress=lambda msg: print(msg, flush=True))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = _free_stem(out_dir, args.name or f"generate-{stamp}")
-        (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-        (out_dir / f"{stem}.md").write_text(generate_cost_markdown(data))
-        print(generate_cost_markdown(data), end="")
-        print(f"wrote {out_dir / stem}.json, .md")
-        return 0
+        return _write_mode(out_dir, args.name or f"generate-{stamp}", data,
+                           generate_cost_markdown(data))
     cases = bench.default_cases(device, models=args.models, ms=args.m, modes=args.modes,
                                 layers=args.layers)
     if device == "cpu":

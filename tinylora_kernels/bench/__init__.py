@@ -33,12 +33,12 @@ compiled kernels is :mod:`tinylora_kernels.static_report`. Cases and providers l
 from .cases import (MODELS, MODES, NF4_BYTES_PER_WEIGHT, PROVIDER_DESCRIPTIONS, PROVIDERS, RANK,
                     U, Case, _Linear, default_cases, provider_missing)
 from .gemv import gemv_sweep
-from .host import (HOST_COST_TARGETS, _host_layer, _interleaved, _OpCounter, count_ops,
-                   host_cost, host_cost_markdown, write_host_cost)
+from .host import (HOST_COST_TARGETS, _host_layer, _OpCounter, count_ops, host_cost,
+                   host_cost_markdown, write_host_cost)
 from .suite import (_workload, compare, make_workload, markdown, plot, run_suite,
                     write_report)
 from .timing import (_environment, _graph_time, _time, capture_cuda_graph, floor_us,
-                     measure_ceilings)
+                     interleaved, measure_ceilings)
 
 __all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload", "host_cost",
            "host_cost_markdown", "write_host_cost", "count_ops", "gemv_sweep",

@@ -11,30 +11,16 @@ Two measurements, each timed in interleaved rounds (median):
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
+
+from .timing import interleaved
 
 __all__ = ["adapter_batch_cost", "adapter_batch_markdown", "TARGET"]
 
 #: different v per row over one shared v, at most (CPU)
 TARGET = 1.1
-
-
-def _interleaved(fns: Dict[str, Callable], rounds: int, reps: int) -> Dict[str, list]:
-    for fn in fns.values():
-        fn()
-    out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            out[name].append((time.perf_counter() - t0) / reps)
-    return out
 
 
 def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
@@ -75,10 +61,10 @@ def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
         with torch.no_grad(), adapters.per_sequence(model, names):
             model(x)
 
-    t = _interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 50)
+    t = interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 50, warmup=1)
     return {"n": n, "k": k, "rows": rows,
-            "us": {name: statistics.median(v) * 1e6 for name, v in t.items()},
-            "ratio": statistics.median(t["v_per_row"]) / statistics.median(t["shared_v"])}
+            "us": {name: v["median_us"] for name, v in t.items()},
+            "ratio": t["v_per_row"]["median_us"] / t["shared_v"]["median_us"]}
 
 
 def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dict:
@@ -106,10 +92,10 @@ def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dic
         with torch.no_grad(), adapters.per_sequence(model, adapters.names):
             model.generate(ids, **kw)
 
-    t = _interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 1)
-    tps = {name: batch * new_tokens / statistics.median(v) for name, v in t.items()}
+    t = interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 1, warmup=1)
+    tps = {name: batch * new_tokens / (v["median_us"] * 1e-6) for name, v in t.items()}
     return {"batch": batch, "new_tokens": new_tokens, "tokens_per_s": tps,
-            "ratio": statistics.median(t["v_per_row"]) / statistics.median(t["shared_v"])}
+            "ratio": t["v_per_row"]["median_us"] / t["shared_v"]["median_us"]}
 
 
 def adapter_batch_cost(device: str = "cpu", rounds: int = 7, progress=None) -> dict:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 
 from .cases import RANK, U
-from .timing import _environment
+from .timing import _environment, interleaved
 
 # -- host cost per call ----------------------------------------------------------------------------
 #: The host-cost targets: a TinyLoRALinear call over bitsandbytes' Linear4bit alone.
@@ -67,25 +65,6 @@ def _host_layer(n: int, k: int, device: str):
     return lin, layer, gp
 
 
-def _interleaved(fns: Dict[str, Callable], rounds: int, reps: int, sync) -> Dict[str, dict]:
-    """Per-call µs of each function, timed in interleaved rounds (a drifting machine then skews
-    every contender alike): minimum and median over rounds of the mean over ``reps`` calls."""
-    for fn in fns.values():
-        for _ in range(max(10, reps // 10)):
-            fn()
-    sync()
-    per_call = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            sync()
-            per_call[name].append((time.perf_counter() - t0) / reps * 1e6)
-    return {name: {"min_us": min(v), "median_us": statistics.median(v), "rounds_us": v}
-            for name, v in per_call.items()}
-
-
 def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
               reps: int = 200, backends=("reference",)) -> dict:
     """Per-call cost of a TinyLoRALinear against bitsandbytes' ``Linear4bit`` alone, on a layer
@@ -134,7 +113,7 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
                 os.environ["TINYLORA_CPU_DECODED_MB"] = decoded_mb
             try:
                 with backend_mod.use_backend(backend_name):
-                    timed = _interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
+                    timed = interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
                     ops = count_ops(ours)
                     row[f"{name}_plan"] = str(router.explain(layer, x))
             finally:

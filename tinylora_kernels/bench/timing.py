@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -104,3 +104,25 @@ def _environment(device: str) -> dict:
             env["driver"] = None
         env["bnb_dispatch"] = "gemm_4bit: fused kernel for small M, dequantize + cuBLAS above"
     return env
+
+
+def interleaved(fns: Dict[str, Callable], rounds: int, reps: int, sync=None,
+                warmup: Optional[int] = None) -> Dict[str, dict]:
+    """Per-call µs of each function, timed in interleaved rounds (a drifting machine then skews
+    every contender alike): minimum and median over rounds of the mean over ``reps`` calls, and
+    every round. ``warmup`` calls each first (default max(10, reps / 10))."""
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        for _ in range(max(10, reps // 10) if warmup is None else warmup):
+            fn()
+    sync()
+    per_call = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            per_call[name].append((time.perf_counter() - t0) / reps * 1e6)
+    return {name: {"min_us": min(v), "median_us": statistics.median(v), "rounds_us": v}
+            for name, v in per_call.items()}
