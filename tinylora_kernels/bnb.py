@@ -121,6 +121,8 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
 
 #: layer -> (storage key, decoded weight): the kept CPU copies (see the module docstring)
 _DECODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: layer -> (storage key, budget, number of kept copies) when its copy did not fit
+_NOT_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def decoded_budget_bytes() -> int:
@@ -148,9 +150,14 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
         if kept[0] == key:
             return kept[1]
         del _DECODED[layer]
+    # a layer found not to fit is not re-checked until the budget or the kept set changes
+    state = (key, budget, len(_DECODED))
+    if _NOT_KEPT.get(layer) == state:
+        return None
     size = layer.out_features * layer.in_features * dtype.itemsize
     used = sum(t.numel() * t.element_size() for _, t in _DECODED.values())
     if used + size > budget:
+        _NOT_KEPT[layer] = state
         return None
     with torch.inference_mode(False), torch.no_grad():
         decoded = dequantize_nf4(nf4_of(layer), dtype)

@@ -306,6 +306,9 @@ def capture_all(target: str, matrix: str = "full") -> List[Launch]:
 # -- compiling ------------------------------------------------------------------------------------
 @dataclass
 class Compiled:
+    """The result of compiling one captured launch for one target (the cubin when it worked,
+    the compiler's error when not)."""
+
     launch: Launch
     target: str
     ok: bool
@@ -360,6 +363,8 @@ def compile_all(launches: List[Launch], target: str, jobs: int = 2,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: capture and compile every specialization for the targets asked for;
+    the exit code is 1 when any failed, 2 for bad arguments or TRITON_INTERPRET set."""
     parser = argparse.ArgumentParser(
         prog="python -m tinylora_kernels.compile_check",
         description="Compile every Triton kernel specialization the package can launch for real "

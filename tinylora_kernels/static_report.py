@@ -322,6 +322,7 @@ def static_report(scenarios=SCENARIOS, double_quant: bool = True, jobs: int = 2,
 
 
 def static_report_markdown(data: dict) -> str:
+    """The report's tables (per scenario, then per launch, with a legend), from its JSON."""
     lines = [f"**{data['what']}** (triton {data['triton']}). Definitions: "
              "`tinylora_kernels/static_report.py`.", "",
              "| scenario | launches | projected µs | byte floor µs | projected / floor | "

@@ -115,6 +115,7 @@ def adapter_batch_cost(device: str = "cpu", rounds: int = 7, progress=None) -> d
 
 
 def adapter_batch_markdown(data: dict) -> str:
+    """The cost table, from :func:`adapter_batch_cost`'s JSON."""
     lay, gen = data["layer"], data["generate"]
     return "\n".join([
         f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "

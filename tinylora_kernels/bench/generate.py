@@ -92,6 +92,7 @@ def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds
 
 
 def generate_cost_markdown(data: dict) -> str:
+    """The tokens/s table with its legend, from :func:`generate_cost`'s JSON."""
     lines = [f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "
              f"{data['env']['bitsandbytes']}, {data['threads']} threads; tokens/s, median of "
              f"{data['rounds']} interleaved rounds.", "",

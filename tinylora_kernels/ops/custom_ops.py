@@ -60,8 +60,9 @@ def kernel_forward_rows(plan, x, weight, bias, layer, Rt_rows, out_dtype):
     rows_per_seq = x.numel() // (x.shape[-1] * nb) if x.numel() else 0
     row_codes = torch.arange(nb, device=x.device, dtype=torch.int32).repeat_interleave(
         rows_per_seq)                                           # row of x -> its sequence
-    f = layer.adapter_factors()
-    factors = AdapterFactors(A=f.A, B=f.B, R=Rt_rows.transpose(1, 2).contiguous())
+    # A and B are the layer's kept constants; R is each sequence's (nothing formed from v here)
+    factors = AdapterFactors(A=layer.Vh, B=layer._constants(Rt_rows.dtype).b,
+                             R=Rt_rows.transpose(1, 2).contiguous())
     if plan.path == "gemv":
         return nf4_gemv(x, weight, bias, factors, out_dtype=out_dtype, config=plan.config,
                         row_codes=row_codes)
