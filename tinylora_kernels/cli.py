@@ -6,8 +6,9 @@ Commands:
             evaluation of the formula; prints a table and exits with 1 when a path is outside
             its error budget.
   inspect   say what a tiny_lora_v.pt checkpoint holds and what restoring it needs.
-  bench     the benchmark suite: every provider side by side against the floor, or one of its
-            other modes (--compare, --host-cost, --generate, --compiled, --gemv-sweep).
+  bench     the benchmark harness: the suite (every provider side by side against the floor:
+            forward, backward, forward + backward), or one of its other modes (--parts,
+            --host-cost, --setup, --gemv-sweep, --generate, --adapters, --compiled, --compare).
 
 Run "tinylora-kernels COMMAND --help" for a command's options.
 """
@@ -21,7 +22,9 @@ from typing import List, Optional
 
 import torch
 
+from . import argtypes
 from .backend import use_backend as _backend
+from .bench.cli import add_bench_parser, run_bench
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -112,70 +115,6 @@ def format_table(results: List[dict]) -> str:
     return "\n".join(out)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _choices_list(valid, what: str, pattern: str = None):
-    """An argparse type: a comma-separated list, each item one of ``valid`` (or matching the
-    regular expression ``pattern``)."""
-    import re
-
-    def parse(text: str) -> List[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"no {what} given")
-        bad = [s for s in items if s not in valid and not (pattern and re.fullmatch(pattern, s))]
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(valid)}")
-        return items
-    return parse
-
-
-def _int_list(text: str) -> List[int]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    try:
-        if not items:
-            raise argparse.ArgumentTypeError("none given")
-        return [_positive_int(s) for s in items]
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: row counts are comma-separated whole "
-                                         f"numbers >= 1 ({exc})") from None
-
-
-def _device(text: str) -> str:
-    if text not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from cpu, cuda")
-    if text == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("--device cuda, but torch sees no CUDA device here "
-                                         f"(torch {torch.__version__})")
-    return text
-
-
-def _result_file(text: str) -> str:
-    import json
-    from pathlib import Path
-
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"{text}: not a JSON result file ({exc})") from None
-    if not isinstance(data, dict) or "rows" not in data:
-        raise argparse.ArgumentTypeError(f"{text}: not a result file of tinylora-kernels bench "
-                                         "(no 'rows')")
-    return text
-
-
 def _quiet_bitsandbytes():
     """Keep bitsandbytes' import-time notice about an optional CPU kernel (the ``kernels``
     package from a model hub, not needed) out of this command's output."""
@@ -187,8 +126,6 @@ def _quiet_bitsandbytes():
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tinylora-kernels``."""
-    from . import bench
-
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="tinylora-kernels", description=__doc__,
                                      formatter_class=raw)
@@ -201,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         "1e-5). Exits with 1 when any path fails.")
     p_check.add_argument("--seed", type=int, default=0,
                          help="seed of the random models and inputs (default: 0)")
-    p_check.add_argument("--rows", type=_positive_int, default=64,
+    p_check.add_argument("--rows", type=argtypes.positive_int, default=64,
                          help="input rows per layer (default: 64)")
-    p_check.add_argument("--dtypes", type=_choices_list(tuple(_DTYPES), "dtype"),
+    p_check.add_argument("--dtypes", type=argtypes.choices_list(tuple(_DTYPES), "dtype"),
                          default=list(_DTYPES),
                          help="activation dtypes, comma-separated from fp32, fp16, bf16 "
                               "(default: all three)")
-    p_check.add_argument("--device", type=_device, default="cpu",
+    p_check.add_argument("--device", type=argtypes.device, default="cpu",
                          help="cpu or cuda (default: cpu)")
     p_check.add_argument("--plans", action="store_true",
                          help="also print the router's plan for each model's first layer")
@@ -217,72 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check it, and say what it holds and what restoring it needs. Exits with 2 when the "
         "file is not a valid checkpoint.")
     p_inspect.add_argument("checkpoint", help="path of the tiny_lora_v.pt file")
-    p_bench = sub.add_parser(
-        "bench", formatter_class=raw, help="the benchmark suite",
-        description="Time every provider side by side against the floor (on a CPU: reduced "
-        "shapes and CPU timings; GPU figures need a GPU), and write JSON, Markdown and a plot "
-        "into --out under new file names. Instead of the suite, one mode: --compare, "
-        "--host-cost, --generate, --compiled (no GPU needed) or --gemv-sweep (GPU).")
-    p_bench.add_argument("--models", type=_choices_list(tuple(bench.MODELS), "model"),
-                         help="model shapes, comma-separated from " + ", ".join(bench.MODELS)
-                         + " (default: qwen2.5-coder-3b on a GPU, cpu-reduced on a CPU; the "
-                         "full-size shapes take minutes per case on a CPU)")
-    p_bench.add_argument("--m", type=_int_list,
-                         help="row counts M (tokens per call), comma-separated (default: "
-                         "1,16,128,4096 on a GPU, 1,16,128 on a CPU)")
-    layer_names = tuple(dict.fromkeys(n for m in bench.MODELS.values() for n in m["shapes"]))
-    p_bench.add_argument("--layers", type=_choices_list(layer_names + ("decoder_layer",
-                                                                       "stack<N>"),
-                                                        "layer", r"stack[1-9][0-9]*"),
-                         help="comma-separated: q_proj ... down_proj, decoder_layer (the 7 "
-                         "linears of one layer), stack<N> (N decoder layers) (default: every "
-                         "linear and decoder_layer)")
-    p_bench.add_argument("--modes", type=_choices_list(bench.MODES, "mode"), default=["fwd"],
-                         help="what is timed, comma-separated from fwd (forward), bwd (backward "
-                         "alone), fwd+bwd (default: fwd)")
-    p_bench.add_argument("--providers", type=_choices_list(bench.PROVIDERS, "provider"),
-                         default=list(bench.PROVIDERS),
-                         help="contenders, comma-separated from " + ", ".join(bench.PROVIDERS)
-                         + " (default: all; the Markdown's legend says what each runs)")
-    p_bench.add_argument("--budget-s", type=_positive_float, default=600.0,
-                         help="time budget of the whole run in seconds; once spent, the "
-                         "remaining cases are marked 'time budget spent' and what was measured "
-                         "is written (default: 600)")
-    p_bench.add_argument("--out", default=".",
-                         help="directory for the result files (default: the current one); "
-                         "existing files are never overwritten")
-    p_bench.add_argument("--name", default=None,
-                         help="file name stem (default: bench-<device>-<date>-<time>, or the "
-                         "mode's name)")
-    p_bench.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"), type=_result_file,
-                         help="instead of timing: compare two result files of this command")
-    p_bench.add_argument("--gemv-sweep", action="store_true",
-                         help="instead of the suite: time every NF4 GEMV launch shape on the "
-                         "model's linears (needs a GPU)")
-    p_bench.add_argument("--host-cost", action="store_true",
-                         help="instead of the suite: the per-call host cost of a tiny layer "
-                         "against bitsandbytes' Linear4bit (on a GPU also through the kernels)")
-    p_bench.add_argument("--compiled", action="store_true",
-                         help="instead of timing: compile what a Qwen2.5-Coder-3B decoder layer "
-                         "launches for Hopper (sm_90) and project it against the H200 roofline "
-                         "(no GPU needed; every figure projected, none measured)")
-    p_bench.add_argument("--adapters", action="store_true",
-                         help="instead of the suite: the cost of a different v in every row of "
-                         "a batch against one shared v (a layer at M = 64, and generate)")
-    p_bench.add_argument("--generate", action="store_true",
-                         help="instead of the suite: tokens per second of eager generate on an "
-                         "8-layer 4-bit tiny Qwen2, with and without the adapter")
+    add_bench_parser(sub)
     return parser
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -292,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "bench":
-        return _bench(args)
+        return run_bench(args)
 
     if args.command == "inspect":
         from .checkpoint import CheckpointError, read_checkpoint
@@ -321,105 +194,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
-
-
-def _free_stem(out_dir, stem: str) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``, ... : the first with no file of that name yet."""
-    candidate, i = stem, 1
-    while any(out_dir.glob(f"{candidate}.*")):
-        i += 1
-        candidate = f"{stem}-{i}"
-    return candidate
-
-
-def _write_mode(out_dir, stem: str, data: dict, table: str, shown: Optional[str] = None) -> int:
-    """Write a bench mode's JSON and Markdown under new names in ``out_dir``; print the table."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _free_stem(out_dir, stem)
-    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    (out_dir / f"{stem}.md").write_text(table)
-    print(table if shown is None else shown, end="")
-    print(f"wrote {out_dir / stem}.json, .md")
-    return 0
-
-
-def _bench(args) -> int:
-    import json
-    from pathlib import Path
-
-    from . import bench
-
-    if args.compare:
-        a, b = (json.loads(Path(p).read_text()) for p in args.compare)
-        print(bench.compare(a, b), end="")
-        return 0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        print(f"error: --out {args.out} is a file, not a directory", file=sys.stderr)
-        return 2
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if args.gemv_sweep:
-        if device != "cuda":
-            print("error: --gemv-sweep times GPU kernels; torch sees no CUDA device here",
-                  file=sys.stderr)
-            return 2
-        data = bench.gemv_sweep(model=(args.models or ["qwen2.5-coder-3b"])[0])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{_free_stem(out_dir, args.name or f'gemv-sweep-{stamp}')}.json"
-        path.write_text(json.dumps(data, indent=1))
-        for r in data["best"]:
-            print(f"{r['layer']:>10} M={r['M']}: BN={r['BN']} BKH={r['BKH']} split={r['split']} "
-                  f"warps={r['num_warps']} {r['median_us']:.1f} µs = {r['time_over_floor']:.2f}x "
-                  "floor")
-        print(f"wrote {path}")
-        return 0
-    if args.host_cost:
-        data = bench.host_cost(device=device, backends=("reference", "triton")
-                               if device == "cuda" else ("reference",))
-        stem = _free_stem(out_dir, args.name or f"host-cost-{stamp}")
-        paths = bench.write_host_cost(data, out_dir, stem)
-        print(bench.host_cost_markdown(data), end="")
-        print("wrote " + ", ".join(str(p) for p in paths))
-        return 0
-    if args.compiled:
-        import os
-
-        from .static_report import static_report, static_report_markdown
-
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            print("error: --compiled compiles the kernels; unset TRITON_INTERPRET",
-                  file=sys.stderr)
-            return 2
-        data = static_report(progress=lambda msg: print(msg, flush=True))
-        table = static_report_markdown(data)
-        return _write_mode(out_dir, args.name or f"compiled-sm90-{stamp}", data, table,
-                           shown=table.split("\n\nPer launch")[0] + "\n")
-    if args.adapters:
-        from .bench.adapters import adapter_batch_cost, adapter_batch_markdown
-
-        data = adapter_batch_cost(device=device, progress=lambda msg: print(msg, flush=True))
-        return _write_mode(out_dir, args.name or f"adapters-{stamp}", data,
-                           adapter_batch_markdown(data))
-    if args.generate:
-        from .bench.generate import generate_cost, generate_cost_markdown
-
-        data = generate_cost(device=device, progress=lambda msg: print(msg, flush=True))
-        return _write_mode(out_dir, args.name or f"generate-{stamp}", data,
-                           generate_cost_markdown(data))
-    cases = bench.default_cases(device, models=args.models, ms=args.m, modes=args.modes,
-                                layers=args.layers)
-    if device == "cpu":
-        print("No GPU here: CPU timings on reduced shapes; GPU figures need a GPU.", flush=True)
-    data = bench.run_suite(cases, args.providers, device=device, budget_s=args.budget_s)
-    stem = _free_stem(out_dir, args.name or f"bench-{device}-{stamp}")
-    paths = bench.write_report(data, out_dir, stem)
-    print(bench.markdown(data), end="")
-    print("wrote " + ", ".join(str(p) for p in paths) + (f" ({data['plot']})"
-                                                        if data.get("plot") else ""))
-    return 0
 
 
 if __name__ == "__main__":

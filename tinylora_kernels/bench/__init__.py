@@ -1,46 +1,52 @@
-"""The benchmark suite: every path side by side, against the floor, on real model shapes.
+"""The benchmark harness: every measurement of the package, one case model, one timer, one
+result format, one report.
 
-``tinylora-kernels bench`` runs the default set and writes, under ``benchmarks/results/`` (or
-``--out``), raw JSON with the environment, a Markdown table and (with matplotlib) a PNG of
-time / floor by M, all generated from the JSON. ``tinylora-kernels bench --compare A.json B.json``
-shows what got faster or slower beyond the noise.
+``tinylora-kernels bench`` runs the suite; each other measurement is a mode of the same command.
+Every mode returns a result in the one format of :mod:`.report` (raw JSON with the environment
+and the timing method, a Markdown table generated from it; ``--compare`` compares any two).
 
-Cases: one linear layer of a model (``q_proj`` ... ``down_proj``), ``decoder_layer`` (its 7
-linears in a row) or ``stack<N>`` (N decoder layers), at M rows, in a mode: ``fwd``, ``bwd``
-(grad x and grad v, the forward graph given) or ``fwd+bwd``. Providers, on identical inputs:
+* the suite (:mod:`.suite`): one linear of a model (``q_proj`` ... ``down_proj``),
+  ``decoder_layer`` (its 7 linears in a row) or ``stack<N>`` (N decoder layers), at M rows, in
+  a mode: ``fwd`` (forward, no grad), ``bwd`` (grad x and grad v, the forward's graph given) or
+  ``fwd+bwd``; against the floor, with a plot; fwd + bwd is checked against fwd+bwd
+  (:func:`.report.consistency`). Providers, on identical inputs (:mod:`.cases`):
+  ``materialized`` (the users' layer: bitsandbytes + ΔW rebuilt per call), ``peft_style``
+  (bitsandbytes + the factorized adapter in torch), ``bnb_base`` (bitsandbytes alone),
+  ``dense_bf16`` (torch linear on the unquantized weight + the adapter), ``reference`` (this
+  package's torch path), ``fused`` (its Triton kernels), ``fused_no_adapter`` (the same kernels,
+  adapter compiled out);
+* ``--parts`` (:mod:`.parts`): the prefill forward piece by piece;
+* ``--host-cost`` (:mod:`.host`): per-call host cost of a layer against ``Linear4bit``;
+* ``--setup`` (:mod:`.setup_cost`): ``apply_tiny_lora``'s SVD set-up, with and without cache;
+* ``--gemv-sweep`` (:mod:`.gemv`): the NF4 GEMV's launch shapes (GPU);
+* ``--generate`` (:mod:`.generate`): eager ``generate`` tokens/s, adapter on and off;
+* ``--adapters`` (:mod:`.adapters`): a v per row against one shared v;
+* ``--compiled`` (:mod:`tinylora_kernels.static_report`): the kernels' SASS projected against
+  the roofline (no timing).
 
-* ``materialized``: bitsandbytes 4-bit matmul + ΔW = U S R Vh rebuilt on every call (the users'
-  layer);
-* ``peft_style``: bitsandbytes 4-bit matmul + the factorized adapter in plain torch;
-* ``bnb_base``: bitsandbytes 4-bit matmul alone, no adapter;
-* ``dense_bf16``: ``F.linear`` on the unquantized weight + the factorized adapter;
-* ``reference``: this package's TinyLoRALinear, reference path;
-* ``fused``: this package's TinyLoRALinear through the Triton kernels (GPU, or the interpreter).
-
-Timing: on a GPU, ``triton.testing.do_bench`` medians and 20/80 % quantiles (it flushes the L2
-before every repetition), decode cases (M <= 16, fwd) also under a CUDA graph, and peak memory;
-on a CPU, medians of wall-clock repetitions, reduced shapes, and a line saying that GPU figures need
-a GPU. The floor: max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the run.
-
-One harness, several modes, each a module of this package: :mod:`.suite` (the suite: fwd, bwd,
-fwd+bwd, per linear, decoder layer or stack; reports and ``--compare``), :mod:`.host` (per-call
-host cost), :mod:`.generate` (eager ``generate`` tokens/s), :mod:`.adapters` (a v per row
-against one shared v), :mod:`.gemv` (GEMV launch shapes, GPU); the static projection of the
-compiled kernels is :mod:`tinylora_kernels.static_report`. Cases and providers live in
-:mod:`.cases`, the timing method and the environment record in :mod:`.timing`.
+Timing (:mod:`.timing`): on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed; decode
+cases also under a CUDA graph); on a CPU (and for host cost) wall-clock rounds with the
+contenders interleaved. The floor: max(bytes / copy bandwidth, FLOPs / matmul rate), both
+measured in the run.
 """
 
+from .adapters import adapter_batch_cost
 from .cases import (MODELS, MODES, NF4_BYTES_PER_WEIGHT, PROVIDER_DESCRIPTIONS, PROVIDERS, RANK,
-                    U, Case, _Linear, default_cases, provider_missing)
+                    U, Case, default_cases, provider_missing)
 from .gemv import gemv_sweep
-from .host import (HOST_COST_TARGETS, _host_layer, _OpCounter, count_ops, host_cost,
-                   host_cost_markdown, write_host_cost)
-from .suite import (_workload, compare, make_workload, markdown, plot, run_suite,
-                    write_report)
-from .timing import (_environment, _graph_time, _time, capture_cuda_graph, floor_us,
-                     interleaved, measure_ceilings)
+from .generate import generate_cost
+from .host import HOST_COST_TARGETS, count_ops, host_cost
+from .parts import prefill_parts
+from .report import SCHEMA, compare, consistency, markdown, result, upgrade, write
+from .setup_cost import setup_cost
+from .suite import DTYPES, make_workload, plot, run_suite
+from .timing import (capture_cuda_graph, environment, floor_us, graph_time, measure,
+                     measure_ceilings, timing_method)
 
-__all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload", "host_cost",
-           "host_cost_markdown", "write_host_cost", "count_ops", "gemv_sweep",
-           "provider_missing", "run_suite", "markdown", "write_report", "compare",
-           "capture_cuda_graph", "measure_ceilings", "floor_us"]
+__all__ = ["MODELS", "PROVIDERS", "MODES", "Case", "default_cases", "make_workload", "run_suite",
+           "provider_missing", "markdown", "write", "compare", "consistency", "upgrade",
+           "result", "SCHEMA", "host_cost", "count_ops", "gemv_sweep", "prefill_parts",
+           "setup_cost", "generate_cost", "adapter_batch_cost", "measure", "timing_method",
+           "capture_cuda_graph", "graph_time", "measure_ceilings", "floor_us", "environment",
+           "DTYPES", "plot", "HOST_COST_TARGETS", "NF4_BYTES_PER_WEIGHT",
+           "PROVIDER_DESCRIPTIONS", "RANK", "U"]

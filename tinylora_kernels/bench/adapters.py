@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .timing import interleaved
+from .report import result
+from .timing import environment, measure, timing_method
 
-__all__ = ["adapter_batch_cost", "adapter_batch_markdown", "TARGET"]
+__all__ = ["adapter_batch_cost", "TARGET"]
 
 #: different v per row over one shared v, at most (CPU)
 TARGET = 1.1
@@ -61,10 +62,10 @@ def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
         with torch.no_grad(), adapters.per_sequence(model, names):
             model(x)
 
-    t = interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 50, warmup=1)
-    return {"n": n, "k": k, "rows": rows,
-            "us": {name: v["median_us"] for name, v in t.items()},
-            "ratio": t["v_per_row"]["median_us"] / t["shared_v"]["median_us"]}
+    t = measure({"shared_v": shared, "v_per_row": per_row}, device, clock="wall",
+                rounds=rounds, reps=50)
+    return {"case": {"case": "layer", "N": n, "K": k, "sequences": rows, "tokens": 1},
+            "floor_us": None, "providers": t}
 
 
 def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dict:
@@ -92,42 +93,32 @@ def _generate_case(batch: int, new_tokens: int, rounds: int, device: str) -> dic
         with torch.no_grad(), adapters.per_sequence(model, adapters.names):
             model.generate(ids, **kw)
 
-    t = interleaved({"shared_v": shared, "v_per_row": per_row}, rounds, 1, warmup=1)
-    tps = {name: batch * new_tokens / (v["median_us"] * 1e-6) for name, v in t.items()}
-    return {"batch": batch, "new_tokens": new_tokens, "tokens_per_s": tps,
-            "ratio": t["v_per_row"]["median_us"] / t["shared_v"]["median_us"]}
+    t = measure({"shared_v": shared, "v_per_row": per_row}, device, clock="wall",
+                rounds=rounds, reps=1)
+    for v in t.values():
+        v["tokens_per_s"] = batch * new_tokens / (v["median_us"] * 1e-6)
+    return {"case": {"case": "generate, 8-layer tiny Qwen2", "sequences": batch,
+                     "tokens": new_tokens}, "floor_us": None, "providers": t}
 
 
 def adapter_batch_cost(device: str = "cpu", rounds: int = 7, progress=None) -> dict:
-    """Both measurements (see the module docstring); ratios are time(v per row) /
+    """Both measurements (see the module docstring); the ratio column is time(v per row) /
     time(shared v)."""
-    from .timing import _environment
-
     say = progress or (lambda msg: None)
     say("layer, M = 64")
-    layer = _layer_case(1024, 1024, 64, rounds, device)
+    rows = [_layer_case(1024, 1024, 64, rounds, device)]
     say("generate, 8 sequences")
-    generate = _generate_case(8, 16, rounds, device)
-    return {"what": "a different v in every row vs one shared v (time ratio; 4-bit NF4, bf16 "
-                    f"activations, {device})", "env": _environment(device),
-            "threads": torch.get_num_threads(), "rounds": rounds, "target": TARGET,
-            "layer": layer, "generate": generate}
-
-
-def adapter_batch_markdown(data: dict) -> str:
-    """The cost table, from :func:`adapter_batch_cost`'s JSON."""
-    lay, gen = data["layer"], data["generate"]
-    return "\n".join([
-        f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "
-        f"{data['env']['bitsandbytes']}, {data['threads']} threads; medians of "
-        f"{data['rounds']} interleaved rounds.", "",
-        "| case | shared v | a v per row | ratio | target |", "|---|---|---|---|---|",
-        f"| layer {lay['n']} x {lay['k']}, M = {lay['rows']} (one token per sequence) | "
-        f"{lay['us']['shared_v']:.1f} µs | {lay['us']['v_per_row']:.1f} µs | "
-        f"{lay['ratio']:.2f} | ≤ {data['target']} |",
-        f"| generate, 8-layer tiny Qwen2, {gen['batch']} sequences x {gen['new_tokens']} "
-        f"tokens | {gen['tokens_per_s']['shared_v']:.1f} tokens/s | "
-        f"{gen['tokens_per_s']['v_per_row']:.1f} tokens/s | {gen['ratio']:.2f} | "
-        f"≤ {data['target']} |", "",
-        "Ratio = time with a different v in every row / time with one shared v (lower is "
-        "better; 1.00 = free)."]) + "\n"
+    rows.append(_generate_case(8, 16, rounds, device))
+    summary = []
+    for r in rows:
+        t = r["providers"]
+        ratio = t["v_per_row"]["median_us"] / t["shared_v"]["median_us"]
+        summary.append(f"{r['case']['case']}: a v per row costs {ratio:.2f}x the time of one "
+                       f"shared v (target ≤ {TARGET})")
+    return result(
+        "adapters", f"a different v in every row vs one shared v (4-bit NF4, bf16 activations, "
+        f"{device})", device, timing_method(device, "wall", rounds=rounds), rows,
+        env=environment(device), dtype="torch.bfloat16", baseline="shared_v",
+        legend={"shared_v": "the batch with the model's one v",
+                "v_per_row": "the same batch, every sequence its own v (AdapterSet.per_sequence)"},
+        summary=summary, target=TARGET)

@@ -25,7 +25,8 @@ MODELS: Dict[str, dict] = {
         "q_proj": (256, 256), "k_proj": (64, 256), "v_proj": (64, 256), "o_proj": (256, 256),
         "gate_proj": (704, 256), "up_proj": (704, 256), "down_proj": (256, 704)}},
 }
-PROVIDERS = ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused")
+PROVIDERS = ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference", "fused",
+             "fused_no_adapter")
 #: what each provider runs (the bench Markdown's legend)
 PROVIDER_DESCRIPTIONS = {
     "materialized": "the users' reference program: bitsandbytes Linear4bit + ΔW rebuilt (out x "
@@ -33,10 +34,12 @@ PROVIDER_DESCRIPTIONS = {
     "peft_style": "bitsandbytes Linear4bit + the factorized adapter as separate torch ops "
                   "(x Aᵀ, · Rᵀ, · Bᵀ, add)",
     "bnb_base": "bitsandbytes Linear4bit alone, no adapter",
-    "dense_bf16": "torch linear on the unquantized weight (bf16 on a GPU, fp32 on a CPU), no "
-                  "adapter",
+    "dense_bf16": "torch linear on the unquantized weight in the run's dtype + the factorized "
+                  "adapter as separate torch ops",
     "reference": "this package's torch path: TinyLoRALinear with the reference backend",
     "fused": "this package's Triton kernels: TinyLoRALinear with the triton backend",
+    "fused_no_adapter": "the same kernels as fused, by the same plan, with the adapter compiled "
+                        "out (what the adapter costs inside them; forward only)",
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -45,6 +48,8 @@ RANK, U = 2, 13
 
 @dataclass(frozen=True)
 class Case:
+    """One case of the suite: a layer (or layers) of a model's shapes, at M rows, in a mode."""
+
     model: str
     layer: str       # a linear's name, "decoder_layer", or "stack<N>"
     M: int
@@ -117,17 +122,32 @@ class _Linear:
             R = torch.diag(v @ lay.P)
             delta = (lay.U * lay.S) @ R @ lay.Vh               # out x in, every call
             return self.base(x) + x @ delta.to(x.dtype).t()
+        if provider == "fused_no_adapter":
+            return self._kernels_alone(x)
         with _backend("triton" if provider == "fused" else "reference"):
             return self.layer(x)
 
+    def _kernels_alone(self, x):
+        from .. import router
+        from ..ops.custom_ops import kernel_forward
 
-def provider_missing(provider: str, device: str) -> Optional[str]:
-    """None when the provider can run on ``device``, else why not."""
+        with _backend("triton"):
+            plan = router.explain(self.layer, x)
+        if plan.path not in ("gemv", "fused", "large_m"):
+            raise RuntimeError(f"the plan is {plan.path}, not a kernel path")
+        return kernel_forward(plan.path, x, self.layer.kernel_weight(), None, None,
+                              out_dtype=plan.out_dtype, config=plan.config)
+
+
+def provider_missing(provider: str, device: str, mode: str = "fwd") -> Optional[str]:
+    """None when the provider can run ``mode`` on ``device``, else why not."""
+    if provider == "fused_no_adapter" and mode != "fwd":
+        return "forward only (it measures the adapter's cost inside the forward kernels)"
     try:
         import bitsandbytes  # noqa: F401
     except Exception:
         return "bitsandbytes is not installed"
-    if provider == "fused":
+    if provider in ("fused", "fused_no_adapter"):
         from ..ops import triton_missing
 
         why = triton_missing()

@@ -13,33 +13,24 @@ What users run: a random Qwen2 of ``layers`` decoder layers loaded in 4-bit NF4 
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
 from typing import Callable, Dict
 
 import torch
 
-__all__ = ["generate_cost", "generate_cost_markdown", "GENERATE_TARGET"]
+from .host import _set_env
+from .report import result
+from .timing import environment, measure, timing_method
+
+__all__ = ["generate_cost", "GENERATE_TARGET"]
 
 #: adapted tokens/s over bitsandbytes alone, at least
 GENERATE_TARGET = 0.85
-
-
-def _env_set(name: str, value):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    return old
 
 
 def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds: int = 7,
                   device: str = "cpu", progress: Callable[[str], None] = None) -> dict:
     """Tokens/s of the three contenders above (see the module docstring)."""
     from .. import TinyLoRAGlobalParams, apply_tiny_lora
-    from .timing import _environment
     from ..testing import tiny_qwen2
 
     say = progress or (lambda msg: None)
@@ -58,52 +49,40 @@ def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds
 
     def run(model, decoded_mb=None):
         def go():
-            old = _env_set("TINYLORA_CPU_DECODED_MB", decoded_mb)
+            old = _set_env("TINYLORA_CPU_DECODED_MB", decoded_mb)
             try:
-                t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = model.generate(ids, **kw)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return new_tokens / (time.perf_counter() - t0), out
+                    model.generate(ids, **kw)
             finally:
-                _env_set("TINYLORA_CPU_DECODED_MB", old)
+                _set_env("TINYLORA_CPU_DECODED_MB", old)
         return go
 
     fns: Dict[str, Callable] = {"bitsandbytes": run(bare), "tinylora": run(ours),
                                 "tinylora_no_decoded_copy": run(ours, "0")}
-    for fn in fns.values():            # warm-up: first calls build what is kept
-        fn()
-    per = {name: [] for name in fns}
-    for r in range(rounds):
-        say(f"round {r + 1}/{rounds}")
-        for name, fn in fns.items():
-            per[name].append(fn()[0])
-    med = {name: statistics.median(v) for name, v in per.items()}
-    return {
-        "what": f"eager generate, {layers}-layer 4-bit NF4 tiny Qwen2 (hidden "
-                f"{bare.config.hidden_size}, intermediate {bare.config.intermediate_size}), "
-                f"batch 1, prompt {prompt}, {new_tokens} new tokens, greedy, {device}",
-        "env": _environment(device), "threads": torch.get_num_threads(),
-        "adapted_layers": n_adapted, "rounds": rounds, "target": GENERATE_TARGET,
-        "tokens_per_s": {name: {"median": med[name], "rounds": per[name]} for name in per},
-        "ratio": {name: med[name] / med["bitsandbytes"] for name in per if name != "bitsandbytes"},
-    }
+    say(f"{rounds} interleaved rounds")
+    stats = measure(fns, device, clock="wall", rounds=rounds, reps=1)
+    summary = []
+    for name, st in stats.items():
+        st["tokens_per_s"] = new_tokens / (st["median_us"] * 1e-6)
+        if name != "bitsandbytes":
+            ratio = st["tokens_per_s"] / stats["bitsandbytes"]["tokens_per_s"]
+            summary.append(f"{name}: {st['tokens_per_s']:.1f} tokens/s = {ratio:.2f}x the "
+                           f"tokens/s of bitsandbytes alone"
+                           + (f" (target ≥ {GENERATE_TARGET})" if name == "tinylora" else ""))
+    return result(
+        "generate", f"eager generate, {layers}-layer 4-bit NF4 tiny Qwen2 (hidden "
+        f"{bare.config.hidden_size}, intermediate {bare.config.intermediate_size}), batch 1, "
+        f"greedy, {device}; µs per generate call", device,
+        timing_method(device, "wall", rounds=rounds, reps=1),
+        [{"case": {"layers": layers, "adapted_linears": n_adapted, "prompt": prompt,
+                   "new_tokens": new_tokens}, "floor_us": None, "providers": stats}],
+        env=environment(device), dtype=str(bare.dtype), baseline="bitsandbytes",
+        legend=GENERATE_LEGEND, summary=summary, target=GENERATE_TARGET)
 
 
-def generate_cost_markdown(data: dict) -> str:
-    """The tokens/s table with its legend, from :func:`generate_cost`'s JSON."""
-    lines = [f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "
-             f"{data['env']['bitsandbytes']}, {data['threads']} threads; tokens/s, median of "
-             f"{data['rounds']} interleaved rounds.", "",
-             "| contender | tokens/s | vs bitsandbytes alone | target |", "|---|---|---|---|"]
-    for name, row in data["tokens_per_s"].items():
-        ratio = data["ratio"].get(name)
-        shown = "1.00" if ratio is None else f"{ratio:.2f}"
-        target = f"≥ {data['target']}" if name == "tinylora" else ""
-        lines.append(f"| {name} | {row['median']:.1f} | {shown} | {target} |")
-    lines += ["", "Legend: bitsandbytes = the model without adapter; tinylora = with the adapter "
-              "(default settings: the CPU base product from a kept decoded copy of each NF4 "
-              "weight within TINYLORA_CPU_DECODED_MB); tinylora_no_decoded_copy = the same with "
-              "that copy turned off (NF4 decoded at every call, as bitsandbytes does here)."]
-    return "\n".join(lines) + "\n"
+GENERATE_LEGEND = {
+    "bitsandbytes": "the model without adapter",
+    "tinylora": "the same model with the adapter, default settings (on a CPU the base product "
+                "from a kept decoded copy of each NF4 weight within TINYLORA_CPU_DECODED_MB)",
+    "tinylora_no_decoded_copy": "the same with that copy turned off (NF4 decoded at every "
+                                "call, as bitsandbytes does on this CPU)"}

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Callable, List
 
 import torch
 
 from .cases import RANK, U
-from .timing import _environment, interleaved
+from .report import result
+from .timing import environment, measure, timing_method
 
 # -- host cost per call ----------------------------------------------------------------------------
 #: The host-cost targets: a TinyLoRALinear call over bitsandbytes' Linear4bit alone.
 HOST_COST_TARGETS = {"no_grad": 1.2, "fwd+bwd": 1.5}
+HOST_COST_LEGEND = {
+    "bitsandbytes": "bitsandbytes' Linear4bit alone, called as a module",
+    "tinylora": "TinyLoRALinear around the same Linear4bit, by the row's path (reference: the "
+                "torch path; reference_no_decoded_copy: the same with TINYLORA_CPU_DECODED_MB=0, "
+                "NF4 decoded at every call as bitsandbytes does here; triton: the kernels)"}
 
 
 class _OpCounter:
@@ -71,10 +75,11 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     small enough that the arithmetic is negligible: what remains is Python and dispatch.
 
     M = 1, bf16, bitsandbytes in train mode (its eval-mode CPU forward repacks the weight). Two
-    cases: ``no_grad`` (generation) and ``fwd+bwd`` (x and v require grad; the bare layer
-    differentiates x). Per-call times are the mean over ``reps`` calls; the ratio uses the
-    minimum over ``rounds`` (the least noisy estimate on a shared machine), the median is kept
-    too. Also records the aten operations one call issues.
+    calls: ``no_grad`` (generation) and ``fwd+bwd`` (x and v require grad; the bare layer
+    differentiates x); one row per (call, path), the two contenders of a row timed together on
+    the ``wall`` clock (``reps`` calls per round, ``rounds`` rounds). The target is held against
+    the ratio of the minima over rounds (``ratio_min``: the least noisy estimate on a shared
+    machine); the table shows medians. Also records the aten operations one call issues.
     """
     from .. import backend as backend_mod
     from .. import router
@@ -83,7 +88,6 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
     xg = x.clone().requires_grad_(True)
     gy = torch.randn(1, n, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def bare_no_grad():
         with torch.no_grad():
@@ -99,64 +103,44 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     def ours_fwd_bwd():
         torch.autograd.grad(layer(xg), [xg, gp.global_v], gy)
 
-    results = {}
-    for case, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
+    variants = [(b, b, None) for b in backends]
+    if device == "cpu":
+        # the pure bookkeeping: the base product decoded per call, as bitsandbytes does
+        variants.append(("reference_no_decoded_copy", "reference", "0"))
+    rows, summary = [], []
+    for call, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
                              ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
-        row = {"bitsandbytes_ops": len(count_ops(bare))}
-        variants = [(b, b, None) for b in backends]
-        if device == "cpu":
-            # the pure bookkeeping: the base product decoded per call, as bitsandbytes does
-            variants.append(("reference_no_decoded_copy", "reference", "0"))
         for name, backend_name, decoded_mb in variants:
-            old = os.environ.get("TINYLORA_CPU_DECODED_MB")
-            if decoded_mb is not None:
-                os.environ["TINYLORA_CPU_DECODED_MB"] = decoded_mb
+            old = _set_env("TINYLORA_CPU_DECODED_MB", decoded_mb)
             try:
                 with backend_mod.use_backend(backend_name):
-                    timed = interleaved({"bitsandbytes": bare, name: ours}, rounds, reps, sync)
+                    timed = measure({"bitsandbytes": bare, "tinylora": ours}, device,
+                                    clock="wall", rounds=rounds, reps=reps)
                     ops = count_ops(ours)
-                    row[f"{name}_plan"] = str(router.explain(layer, x))
+                    plan = str(router.explain(layer, x))
             finally:
-                if decoded_mb is not None and old is None:
-                    os.environ.pop("TINYLORA_CPU_DECODED_MB")
-                elif decoded_mb is not None:
-                    os.environ["TINYLORA_CPU_DECODED_MB"] = old
-            row.setdefault("bitsandbytes", timed["bitsandbytes"])
-            row[name] = timed[name]
-            row[f"{name}_ops"] = len(ops)
-            row[f"{name}_op_list"] = ops
-            row[f"{name}_ratio"] = timed[name]["min_us"] / timed["bitsandbytes"]["min_us"]
-        results[case] = row
-    return {"what": f"per-call host cost, TinyLoRALinear vs bitsandbytes Linear4bit alone, "
-                    f"{n} x {k}, M = 1, bf16, {device}",
-            "env": _environment(device), "threads": torch.get_num_threads(),
-            "rounds": rounds, "reps": reps, "targets": HOST_COST_TARGETS,
-            "results": results}
+                _set_env("TINYLORA_CPU_DECODED_MB", old)
+            timed["bitsandbytes"]["ops"] = len(count_ops(bare))
+            timed["tinylora"].update(ops=len(ops), op_list=ops, plan=plan)
+            ratio = timed["tinylora"]["min_us"] / timed["bitsandbytes"]["min_us"]
+            rows.append({"case": {"call": call, "path": name, "N": n, "K": k, "M": 1},
+                         "floor_us": None, "providers": timed, "ratio_min": ratio})
+            summary.append(f"{call}, {name}: {ratio:.2f}x bitsandbytes' time per call (minima; "
+                           f"target ≤ {HOST_COST_TARGETS[call]}); aten operations "
+                           f"{timed['bitsandbytes']['ops']} / {len(ops)}")
+    return result(
+        "host-cost", f"per-call host cost, TinyLoRALinear vs bitsandbytes Linear4bit alone, "
+        f"{n} x {k}, M = 1, bf16, {device}", device,
+        timing_method(device, "wall", rounds=rounds, reps=reps), rows,
+        env=environment(device), dtype="torch.bfloat16", baseline="bitsandbytes",
+        legend=HOST_COST_LEGEND, summary=summary, targets=HOST_COST_TARGETS)
 
 
-def host_cost_markdown(data: dict) -> str:
-    """The host-cost table, generated from its JSON."""
-    lines = [f"{data['what']}; torch {data['env']['torch']}, bitsandbytes "
-             f"{data['env']['bitsandbytes']}, {data['threads']} threads; µs per call, minimum "
-             f"(median) of {data['rounds']} rounds x {data['reps']} calls.", "",
-             "| case | path | bitsandbytes µs | ours µs | ratio (min) | target | ops: bnb / ours |",
-             "|---|---|---|---|---|---|---|"]
-    for case, row in data["results"].items():
-        bare = row["bitsandbytes"]
-        for name in [k for k in row if k.endswith("_ratio")]:
-            b = name[:-6]
-            ours = row[b]
-            lines.append(
-                f"| {case} | {b} | {bare['min_us']:.1f} ({bare['median_us']:.1f}) | "
-                f"{ours['min_us']:.1f} ({ours['median_us']:.1f}) | {row[name]:.2f} | "
-                f"≤ {data['targets'][case]} | {row['bitsandbytes_ops']} / {row[b + '_ops']} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_host_cost(data: dict, out_dir: Path, stem: str) -> List[Path]:
-    """JSON and Markdown of :func:`host_cost` under ``out_dir``; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(data, indent=1))
-    paths[1].write_text(host_cost_markdown(data))
-    return paths
+def _set_env(name: str, value):
+    """Set (or with None, remove) an environment variable; returns its old value."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    return old
