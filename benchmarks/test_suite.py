@@ -20,7 +20,7 @@ _BUILT = {}
 @pytest.mark.parametrize("provider", bench.PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.model}-{c.layer}-M{c.M}-{c.mode}")
 def test_provider(benchmark, case, provider):
-    why = bench.provider_missing(provider, DEVICE)
+    why = bench.provider_missing(provider, DEVICE, case.mode)
     if why is not None:
         pytest.skip(why)
     fn = bench.make_workload(case, provider, DEVICE, _BUILT)

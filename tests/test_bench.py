@@ -11,6 +11,7 @@ from tinylora_kernels.cli import main
 
 
 def _data(med_a, lo_a, hi_a):
+    # the first result format (suite rows with the case's keys at the top): still compared
     return {"rows": [{"model": "m", "layer": "q_proj", "M": 1, "mode": "fwd",
                       "providers": {"fused": {"median_us": med_a, "p20_us": lo_a,
                                               "p80_us": hi_a}}}]}
@@ -66,8 +67,10 @@ def test_suite_runs_on_the_cpu_and_writes_its_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "GPU figures need a GPU" in out
     data = json.loads((tmp_path / "run.json").read_text())
+    assert data["schema"] == bench.SCHEMA and data["mode"] == "suite"
     assert data["device"] == "cpu" and data["env"]["torch"] == torch.__version__
-    assert {r["layer"] for r in data["rows"]} == {"k_proj", "decoder_layer"}
+    assert data["timing"]["clock"] == "wall" and data["timing"]["interleaved"] is True
+    assert {r["case"]["layer"] for r in data["rows"]} == {"k_proj", "decoder_layer"}
     for row in data["rows"]:
         for provider in ("materialized", "peft_style", "bnb_base", "dense_bf16", "reference"):
             stats = row["providers"][provider]
@@ -147,15 +150,18 @@ def test_bench_writes_new_files_here_and_never_overwrites(tmp_path, monkeypatch,
 @needs_bnb
 def test_host_cost_measures_both_cases(tmp_path):
     data = bench.host_cost(rounds=2, reps=5)
-    for case in ("no_grad", "fwd+bwd"):
-        row = data["results"][case]
-        assert row["bitsandbytes"]["min_us"] > 0 and row["reference"]["min_us"] > 0
-        assert row["reference_ratio"] == pytest.approx(
-            row["reference"]["min_us"] / row["bitsandbytes"]["min_us"])
-        assert row["reference_ops"] > row["bitsandbytes_ops"]
-        assert row["reference_plan"].startswith("torch")
-    paths = bench.write_host_cost(data, tmp_path, "h")
-    assert "no_grad" in paths[1].read_text() and json.loads(paths[0].read_text())["results"]
+    assert data["schema"] == bench.SCHEMA and data["mode"] == "host-cost"
+    assert data["timing"]["clock"] == "wall" and data["baseline"] == "bitsandbytes"
+    calls = {(r["case"]["call"], r["case"]["path"]): r for r in data["rows"]}
+    for call in ("no_grad", "fwd+bwd"):
+        row = calls[(call, "reference")]
+        bare, ours = row["providers"]["bitsandbytes"], row["providers"]["tinylora"]
+        assert bare["min_us"] > 0 and ours["min_us"] > 0
+        assert row["ratio_min"] == pytest.approx(ours["min_us"] / bare["min_us"])
+        assert ours["ops"] > bare["ops"] and len(ours["op_list"]) == ours["ops"]
+        assert ours["plan"].startswith("torch")
+    paths = bench.write(data, tmp_path, "h")
+    assert "no_grad" in paths[1].read_text() and json.loads(paths[0].read_text())["rows"]
 
 
 @needs_bnb
@@ -166,6 +172,73 @@ def test_gemv_sweep_machinery_runs_under_the_interpreter():
         pytest.skip("the CPU check of the sweep needs the interpreter (on a GPU it is a benchmark)")
     data = bench.gemv_sweep(model="cpu-reduced", ms=(1,), bns=(16,), bkhs=(32,), splits=(1, 2),
                             warps=(1,), layers=["k_proj"], device="cpu")
-    assert len(data["rows"]) == 2 and all(r["median_us"] > 0 for r in data["rows"])
+    assert data["schema"] == bench.SCHEMA and data["mode"] == "gemv-sweep"
+    assert len(data["rows"]) == 2
+    assert all(r["providers"]["nf4_gemv"]["median_us"] > 0 for r in data["rows"])
     (best,) = data["best"]
     assert best["layer"] == "k_proj" and best["time_over_floor"] > 0
+
+
+# -- one harness: every mode, one format ------------------------------------------------------
+@needs_bnb
+def test_fwd_plus_bwd_measured_apart_matches_fwd_bwd_measured_together():
+    # the same harness and cases: the forward (as fwd+bwd runs it) plus the backward, each
+    # measured on its own, adds up to the two measured together, for every provider
+    cases = bench.default_cases("cpu", ms=[64], modes=("fwd", "bwd", "fwd+bwd"),
+                                layers=["decoder_layer"])
+    providers = [p for p in bench.PROVIDERS if bench.provider_missing(p, "cpu") is None]
+    data = bench.run_suite(cases, providers, device="cpu", budget_s=30, progress=False)
+    checks = bench.consistency(data)
+    assert {c["provider"] for c in checks} == set(providers)
+    for c in checks:
+        assert c["fwd_grad_enabled"]
+        assert abs(c["ratio"] - 1) <= bench.report.CONSISTENCY_TOLERANCE, c
+    assert "Consistency" in bench.markdown(data)
+
+
+def test_consistency_flags_a_backward_measured_apart_from_the_suite():
+    # a bwd that is not the backward of this forward (the old per-script contradiction) shows
+    def row(mode, us):
+        return {"case": {"model": "m", "layer": "l", "M": 1, "mode": mode}, "floor_us": None,
+                "providers": {"p": {"median_us": us, "p20_us": us, "p80_us": us}}}
+    data = bench.result("suite", "t", "cpu", {"clock": "wall"},
+                        [row("fwd", 10.0), row("bwd", 2.0), row("fwd+bwd", 30.0)], env={})
+    (c,) = bench.consistency(data)
+    assert c["ratio"] == pytest.approx(0.4) and "(outside)" in bench.markdown(data)
+
+
+@needs_bnb
+def test_parts_and_setup_modes_write_the_one_format(tmp_path, capsys):
+    assert main(["bench", "--parts", "--layers", "k_proj", "--m", "16", "--out", str(tmp_path),
+                 "--name", "parts"]) == 0
+    data = json.loads((tmp_path / "parts.json").read_text())
+    assert data["schema"] == bench.SCHEMA and data["mode"] == "parts"
+    (row,) = data["rows"]
+    assert row["case"]["layer"] == "k_proj" and row["case"]["M"] == 16
+    assert row["providers"]["bnb"]["median_us"] > 0
+    assert "GPU" in row["providers"]["decode_triton"]["not_run"]
+    data = bench.setup_cost(model="cpu-reduced", n_layers=1)
+    assert data["mode"] == "setup" and data["rows"][0]["case"]["linears"] == 7
+    assert set(data["rows"][0]["providers"]) == {"no_cache", "cold_cache", "warm_cache"}
+    # any two results of one mode compare
+    bench.write(data, tmp_path, "setup")
+    assert main(["bench", "--compare", str(tmp_path / "setup.json"),
+                 str(tmp_path / "setup.json")]) == 0
+    assert "warm_cache" in capsys.readouterr().out
+
+
+def test_one_mode_at_a_time(capsys):
+    assert main(["bench", "--parts", "--setup"]) == 2
+    assert "one mode at a time" in capsys.readouterr().err
+
+
+def test_benchmarks_folder_holds_only_the_suite_tests_the_gpu_job_and_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert sorted(p.name for p in root.iterdir() if p.name != "__pycache__") == \
+        ["gpu_check.sh", "results", "test_suite.py"]
+    job = (root / "gpu_check.sh").read_text()
+    runs = [line for line in job.splitlines() if "python3 " in line and "-c" not in line
+            and "pytest" not in line]
+    assert runs and all("tinylora_kernels bench" in line for line in runs), runs
