@@ -7,6 +7,7 @@ import os
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "tinylora_kernels")
 MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 90
 
 
 def _modules():
@@ -65,4 +66,16 @@ def test_the_import_graph_has_no_circle():
 def test_no_module_is_too_long():
     long = {mod: n for mod, path in _modules()
             if (n := len(open(path, encoding="utf-8").read().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_no_function_is_too_long():
+    # a long function reads as a few named steps instead (kernels included)
+    long = {}
+    for mod, path in _modules():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{mod}.{node.name}"] = n
     assert not long, long

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -316,6 +316,32 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
     def fail(msg):
         return CheckpointError(f"{adapter_dir}: {msg}")
 
+    parts, v_by_group = _split_peft_state(state, fail)
+    modules = dict(model.named_modules())
+    _check_peft_targets(model, modules, parts, fail)
+    order = {name: i for i, name in enumerate(modules)}
+    names = sorted(parts, key=order.__getitem__)           # PEFT's module index order
+    groups = _check_peft_groups(adapter_dir, config, parts, names, v_by_group, fail)
+    group_params = _peft_group_params(config["u"], names, groups, modules, v_by_group)
+    factors = [_peft_layer_factors(name, index, parts[name], modules[name], config, fail)
+               for index, name in enumerate(names)]
+
+    # everything is checked: only now are layers built (which freezes their bases) and swapped in
+    built = []
+    for name, g, (A, B, P) in zip(names, groups, factors):
+        layer = TinyLoRALinear.from_factors(
+            modules[name], U=B, S=torch.eye(B.shape[1], dtype=B.dtype), Vh=A, P=P,
+            global_params_ref=group_params[g], projection="full", origin="peft")
+        built.append((name, layer))
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    model.tiny_lora_groups = group_params
+    return group_params
+
+
+def _split_peft_state(state, fail):
+    """PEFT's state dict -> ({layer name: {"A", "B", "P": tensor}}, {group: v})."""
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
     v_by_group: Dict[int, torch.Tensor] = {}
     for key, t in state.items():
@@ -332,9 +358,11 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
         parts.setdefault(name[len(_PEFT_MODULE_PREFIX):], {})[part[len("tinylora_"):]] = t
     if not parts:
         raise fail("the adapter holds no TinyLoRA layers")
+    return parts, v_by_group
 
-    modules = dict(model.named_modules())
-    order = {name: i for i, name in enumerate(modules)}
+
+def _check_peft_targets(model, modules, parts, fail) -> None:
+    """Every adapted layer exists in ``model``, is a plain linear without an adapter."""
     for name, p in parts.items():
         module = modules.get(name)
         if module is None:
@@ -353,7 +381,10 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
         raise fail("model.tiny_lora_groups exists already; import onto a model without an "
                    "imported adapter")
 
-    names = sorted(parts, key=order.__getitem__)           # PEFT's module index order
+
+def _check_peft_groups(adapter_dir, config, parts, names, v_by_group, fail) -> List[int]:
+    """Each layer's v group (PEFT's weight tying), the v's checked; warns when P must be
+    regenerated."""
     have_p = [n for n in names if "P" in parts[n]]
     if have_p and len(have_p) != len(names):
         raise fail(f"tinylora_P is saved for some layers but not for {names[len(have_p)]!r}")
@@ -370,11 +401,15 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
 
         warnings.warn(f"{adapter_dir}: saved without tinylora_P (save_projection=False); "
                       f"regenerating P from projection_seed={seed} as PEFT does, which relies on "
-                      "torch's CPU generator reproducing the same draws", stacklevel=2)
+                      "torch's CPU generator reproducing the same draws", stacklevel=3)
     if config.get("tinylora_dropout"):
         log.info("import_peft_tinylora: tinylora_dropout=%s is a training-time option and is "
                  "not applied", config["tinylora_dropout"])
+    return groups
 
+
+def _peft_group_params(u, names, groups, modules, v_by_group) -> nn.ModuleList:
+    """One TinyLoRAGlobalParams per v group, on the device of its first layer, v copied in."""
     devices: Dict[int, torch.device] = {}
     for name, g in zip(names, groups):
         devices.setdefault(g, modules[name].weight.device)
@@ -385,35 +420,23 @@ def import_peft_tinylora(model: nn.Module, adapter_dir: Union[str, os.PathLike])
         with torch.no_grad():
             gp.global_v.copy_(v)
         group_params.append(gp)
-
-    factors = []
-    for index, name in enumerate(names):
-        p, base = parts[name], modules[name]
-        A, B = p["A"], p["B"]
-        r = A.shape[0] if A.dim() == 2 else -1
-        if A.dim() != 2 or B.dim() != 2 or not 1 <= r <= config["r"] or B.shape[1] != r \
-                or A.shape[1] != base.in_features or B.shape[0] != base.out_features:
-            raise fail(f"{name!r}: tinylora_A {tuple(A.shape)} / tinylora_B {tuple(B.shape)} do "
-                       f"not fit a {base.out_features} x {base.in_features} layer at rank "
-                       f"<= {config['r']}")
-        P = p["P"] if "P" in p else _peft_projection(seed + index, u, r)
-        if P.shape != (u, r, r):
-            raise fail(f"{name!r}: tinylora_P has shape {tuple(P.shape)}, expected {(u, r, r)}")
-        for part, t in (("A", A), ("B", B), ("P", P)):
-            if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise fail(f"{name!r}: tinylora_{part} must hold finite floats")
-        factors.append((A, B, P))
-
-    # everything is checked: only now are layers built (which freezes their bases) and swapped in
-    built = []
-    for name, g, (A, B, P) in zip(names, groups, factors):
-        layer = TinyLoRALinear.from_factors(
-            modules[name], U=B, S=torch.eye(B.shape[1], dtype=B.dtype), Vh=A, P=P,
-            global_params_ref=group_params[g], projection="full", origin="peft")
-        built.append((name, layer))
-
-    for name, layer in built:
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
-    model.tiny_lora_groups = group_params
     return group_params
+
+
+def _peft_layer_factors(name, index, p, base, config, fail):
+    """(A, B, P) of one layer, checked against the layer's shape (P regenerated when absent)."""
+    A, B = p["A"], p["B"]
+    u = config["u"]
+    r = A.shape[0] if A.dim() == 2 else -1
+    if A.dim() != 2 or B.dim() != 2 or not 1 <= r <= config["r"] or B.shape[1] != r \
+            or A.shape[1] != base.in_features or B.shape[0] != base.out_features:
+        raise fail(f"{name!r}: tinylora_A {tuple(A.shape)} / tinylora_B {tuple(B.shape)} do "
+                   f"not fit a {base.out_features} x {base.in_features} layer at rank "
+                   f"<= {config['r']}")
+    P = p["P"] if "P" in p else _peft_projection(config["projection_seed"] + index, u, r)
+    if P.shape != (u, r, r):
+        raise fail(f"{name!r}: tinylora_P has shape {tuple(P.shape)}, expected {(u, r, r)}")
+    for part, t in (("A", A), ("B", B), ("P", P)):
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise fail(f"{name!r}: tinylora_{part} must hold finite floats")
+    return A, B, P

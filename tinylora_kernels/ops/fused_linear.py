@@ -61,7 +61,6 @@ def _linear_tile(
     mask_m = rm < M
     mask_n = rn < N
     rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
     rr = tl.arange(0, R_PAD)
     mask_r = rr < RANK
 
@@ -115,7 +114,25 @@ def _linear_tile(
                               + x_odd.to(tl.float32) * a_odd[None, :], axis=1)
                 ax += tl.where(rr[None, :] == i, part[:, None], 0.0)
 
-    # -- epilogue: + ((A x) Rᵀ) Bᵀ, + bias, one rounding ----------------------------------------
+    _linear_epilogue(acc, ax, pid_n, rm, rn, out_ptr, bias_ptr, ax_ptr, b_ptr, r_ptr, rows_ptr,
+                     M, N, RANK, stride_om, stride_on, R_PAD, HAS_ADAPTER, HAS_BIAS, STORE_AX,
+                     ROW_ADAPTERS)
+
+
+@triton.jit
+def _linear_epilogue(acc, ax, pid_n, rm, rn, out_ptr, bias_ptr, ax_ptr, b_ptr, r_ptr, rows_ptr,
+                     M, N, RANK, stride_om, stride_on, R_PAD: tl.constexpr,
+                     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr,
+                     ROW_ADAPTERS: tl.constexpr):
+    """The tile's epilogue: ``acc`` (BM, BN) + ((A x) Rᵀ) Bᵀ (``ax`` (BM, R_PAD): A x of the
+    tile's rows; with ROW_ADAPTERS each row's own R) + bias, rounded once and stored; A x
+    stored too (``STORE_AX``, by the first column of tiles)."""
+    mask_m = rm < M
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    rr = tl.arange(0, R_PAD)
+    mask_r = rr < RANK
     if HAS_ADAPTER:
         if ROW_ADAPTERS:
             r_base = tl.load(rows_ptr + rm, mask=mask_m, other=0).to(tl.int64) * (RANK * RANK)

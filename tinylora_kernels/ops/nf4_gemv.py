@@ -121,8 +121,24 @@ def _nf4_gemv_kernel(
                 ax += tl.where(cols[:, None] == m, ax_m[None, :], 0.0)
 
     out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
+    _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
+                RANK, R_PAD, M_PAD, HAS_ADAPTER, HAS_BIAS, DIRECT, ROW_ADAPTERS)
+
+
+@triton.jit
+def _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
+                RANK: tl.constexpr, R_PAD: tl.constexpr, M_PAD: tl.constexpr,
+                HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+                ROW_ADAPTERS: tl.constexpr):
+    """The GEMV's epilogue: add this slice's share of (B R)(A x) to ``out`` (BN, M_PAD) (``ax``
+    (M_PAD, R_PAD): A x of the slice), then store it: into the output with the bias
+    (``DIRECT``), or into slice ``pid_k``'s fp32 partial sums."""
+    rn64 = rn.to(tl.int64)
+    cols = tl.arange(0, M_PAD)
     if HAS_ADAPTER:
         # this slice's share of (B R)(A x): BR (BN, r) against A x (M, r)
+        rr = tl.arange(0, R_PAD)
+        mask_r = rr < RANK
         br_offs = rn64[:, None] * RANK + rr[None, :]
         mask_br = mask_n[:, None] & mask_r[None, :]
         br = tl.load(br_ptr + br_offs, mask=mask_br, other=0.0)
