@@ -26,6 +26,25 @@ def test_compare_flags_only_changes_beyond_the_spread(b, verdict):
     assert f"{b[0] / 10.0:.2f}" in row
 
 
+
+def _compiled_first_format(projected_us):
+    # the first --compiled report: scenarios with per-launch detail, no rows
+    return {"what": "PROJECTED", "hardware_model": {"bytes_per_s": 4.8e12}, "triton": "3.6.0",
+            "torch": "2", "scenarios": {"decode:1": {"launches": [], "projected_us": projected_us,
+                                                     "byte_floor_us": 8.0}}}
+
+
+@pytest.mark.parametrize("b_us, verdict", [(20.05, "same"), (10.0, "faster"), (30.0, "slower")])
+def test_compiled_reports_of_either_format_compare(b_us, verdict):
+    # projections have no spread: within 1 % they are the same, beyond it a change
+    old = _compiled_first_format(20.0)
+    new = bench.report.compiled_result("PROJECTED", old["hardware_model"],
+                                       _compiled_first_format(b_us)["scenarios"], "3.6.0", "2")
+    assert bench.report.upgrade(old)["rows"][0]["floor_us"] == 8.0
+    row = [line for line in bench.compare(old, new).splitlines() if "projected_sm90" in line][0]
+    assert row.rstrip(" |").endswith(verdict), row
+
+
 @needs_bnb
 def test_floor_counts_the_bytes_bitsandbytes_stores():
     # the byte floor must match what a real double-quantized NF4 weight occupies, counted from

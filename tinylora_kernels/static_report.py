@@ -313,23 +313,13 @@ def static_report(scenarios=SCENARIOS, double_quant: bool = True, jobs: int = 2,
             "target_x_floor": TARGETS_X_FLOOR.get(scen)}
     import triton
 
-    from .bench.report import result
+    from .bench.report import compiled_result
 
     what = ("PROJECTED, NOT MEASURED: static SASS of the kernels the dispatch table launches "
             "for one Qwen2.5-Coder-3B decoder layer (NF4 "
             f"{'double quant' if double_quant else 'plain'}, bf16), sm_90, against the H200 "
             "roofline")
-    rows = [{"case": {"scenario": scen}, "floor_us": s["byte_floor_us"],
-             "providers": {"projected_sm90": {k: s["projected_us"] for k in
-                                              ("median_us", "p20_us", "p80_us", "min_us")}}}
-            for scen, s in per_scenario.items()]
-    return result("compiled", what, "none (compiled for sm_90 on this machine)",
-                  {"clock": "none: projected from the compiled SASS, not measured"}, rows,
-                  env={"triton": triton.__version__, "torch": torch.__version__},
-                  legend={"projected_sm90": "the sum over the scenario's launches of max(issue "
-                          "bound, bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s), H200 model"},
-                  hardware_model=hw, triton=triton.__version__, torch=torch.__version__,
-                  scenarios=per_scenario)
+    return compiled_result(what, hw, per_scenario, triton.__version__, torch.__version__)
 
 
 def static_report_markdown(data: dict) -> str:

@@ -24,8 +24,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["SCHEMA", "result", "markdown", "compare", "upgrade", "consistency", "write",
-           "CONSISTENCY_TOLERANCE"]
+__all__ = ["SCHEMA", "result", "compiled_result", "markdown", "compare", "upgrade",
+           "consistency", "write", "CONSISTENCY_TOLERANCE"]
 
 SCHEMA = "tinylora-bench/2"
 #: fwd + bwd measured apart vs fwd+bwd measured together, at most this far apart
@@ -43,11 +43,35 @@ def result(mode: str, what: str, device: str, timing: dict, rows: List[dict], *,
             **extra}
 
 
+def compiled_result(what: str, hardware_model: dict, scenarios: dict, triton_version: str,
+                    torch_version: str) -> dict:
+    """The ``--compiled`` projection in the one format: a row per scenario whose one provider,
+    ``projected_sm90``, holds the projected time (projected, not measured: no spread), the
+    per-launch detail kept under ``scenarios``."""
+    rows = [{"case": {"scenario": scen}, "floor_us": s["byte_floor_us"],
+             "providers": {"projected_sm90": {k: s["projected_us"] for k in
+                                              ("median_us", "p20_us", "p80_us", "min_us")}}}
+            for scen, s in scenarios.items()]
+    return result("compiled", what, "none (compiled for sm_90 on this machine)",
+                  {"clock": "none: projected from the compiled SASS, not measured"}, rows,
+                  env={"triton": triton_version, "torch": torch_version},
+                  legend={"projected_sm90": "the sum over the scenario's launches of max(issue "
+                          "bound, bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s), H200 model"},
+                  hardware_model=hardware_model, triton=triton_version, torch=torch_version,
+                  scenarios=scenarios)
+
+
 def upgrade(data: dict) -> dict:
     """A result of any version in the current format (the first format: suite rows with the
-    case's keys at the top level of each row)."""
+    case's keys at the top level of each row; the first compiled report: scenarios without
+    rows)."""
     if isinstance(data, dict) and data.get("schema") == SCHEMA:
         return data
+    if (isinstance(data, dict) and "rows" not in data and isinstance(data.get("scenarios"), dict)
+            and "hardware_model" in data):
+        return compiled_result(data.get("what", "compiled report (first format)"),
+                               data["hardware_model"], data["scenarios"],
+                               data.get("triton", "?"), data.get("torch", "?"))
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError("not a result file of tinylora-kernels bench (no 'rows' list)")
     rows = []
@@ -188,10 +212,15 @@ def consistency(data: dict) -> List[dict]:
     return out
 
 
+def _no_spread(stats: dict) -> bool:
+    return stats.get("p20_us", stats["median_us"]) == stats.get("p80_us", stats["median_us"])
+
+
 def compare(a: dict, b: dict) -> str:
     """Rows of two results side by side: B/A per contender, flagged beyond the noise.
 
     A change counts when the two runs' 20–80 % ranges do not overlap; else it is noise.
+    Projections have no range: within 1 % of each other they are the same.
     """
     a, b = upgrade(a), upgrade(b)
     index = {tuple(sorted(r["case"].items())): r for r in a["rows"]}
@@ -207,7 +236,9 @@ def compare(a: dict, b: dict) -> str:
             if "median_us" not in sa or "median_us" not in sb:
                 continue
             ratio = sb["median_us"] / sa["median_us"]
-            if sb.get("p80_us", sb["median_us"]) < sa.get("p20_us", sa["median_us"]):
+            if _no_spread(sa) and _no_spread(sb) and abs(ratio - 1) < 0.01:
+                verdict = "same"
+            elif sb.get("p80_us", sb["median_us"]) < sa.get("p20_us", sa["median_us"]):
                 verdict = "faster"
             elif sb.get("p20_us", sb["median_us"]) > sa.get("p80_us", sa["median_us"]):
                 verdict = "slower"
