@@ -261,3 +261,11 @@ def test_benchmarks_folder_holds_only_the_suite_tests_the_gpu_job_and_results():
     runs = [line for line in job.splitlines() if "python3 " in line and "-c" not in line
             and "pytest" not in line]
     assert runs and all("tinylora_kernels bench" in line for line in runs), runs
+
+
+def test_a_cpu_run_says_reduced_shapes_only_when_it_used_them():
+    from tinylora_kernels.bench.cases import cpu_note
+
+    assert "reduced shapes" in cpu_note(["cpu-reduced", "qwen2.5-7b"])
+    note = cpu_note(["qwen2.5-coder-3b"])
+    assert "reduced" not in note and note.startswith("CPU run: CPU timings")

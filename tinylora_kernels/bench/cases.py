@@ -76,6 +76,12 @@ def default_cases(device: str, models=None, ms=None, modes=("fwd",), layers=None
     return cases
 
 
+def cpu_note(models, what: str = "GPU figures need a GPU") -> str:
+    """The note a CPU run carries: CPU timings, and reduced shapes where the run used them."""
+    shapes = "reduced shapes and " if "cpu-reduced" in set(models) else ""
+    return f"CPU run: {shapes}CPU timings; {what}"
+
+
 # -- the layers each provider runs ------------------------------------------------------------
 class _Linear:
     """One adapted linear in every form the providers need, built from one random weight."""

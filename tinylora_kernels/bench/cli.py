@@ -13,7 +13,7 @@ import torch
 
 from .. import argtypes
 from . import report
-from .cases import MODELS, MODES, PROVIDERS, default_cases
+from .cases import MODELS, MODES, PROVIDERS, cpu_note, default_cases
 
 #: the modes other than the suite: option -> what it does (for --help)
 OTHER_MODES = {
@@ -93,10 +93,11 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
 def _suite(args, device, say):
     from .suite import DTYPES, run_suite
 
-    if device == "cpu":
-        print("No GPU here: CPU timings on reduced shapes; GPU figures need a GPU.", flush=True)
     cases = default_cases(device, models=args.models, ms=args.m, modes=args.modes,
                           layers=args.layers)
+    if device == "cpu":
+        print("No GPU here: " + cpu_note(c.model for c in cases)[len("CPU run: "):] + ".",
+              flush=True)
     return run_suite(cases, args.providers, device=device, budget_s=args.budget_s,
                      dtype=DTYPES[args.dtype] if args.dtype else None)
 

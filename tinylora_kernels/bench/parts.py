@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .cases import MODELS, _Linear
+from .cases import MODELS, _Linear, cpu_note
 from .report import result
 from .timing import environment, measure, timing_method
 
@@ -111,5 +111,5 @@ def prefill_parts(model: Optional[str] = None, m: Optional[int] = None, device: 
         "parts", f"the prefill forward part by part, {model} linears at M = {m}, no grad",
         device, timing_method(device, rounds=5), rows, env=environment(device),
         dtype=str(dtype), baseline="bnb", legend=PARTS_LEGEND,
-        note=None if device == "cuda" else "CPU run: reduced shapes and CPU timings; the Triton "
-        "parts and GPU figures need a GPU")
+        note=None if device == "cuda" else cpu_note([model], "the Triton parts and GPU figures "
+                                                     "need a GPU"))

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .cases import PROVIDER_DESCRIPTIONS, PROVIDERS, Case, _Linear, provider_missing
+from .cases import PROVIDER_DESCRIPTIONS, PROVIDERS, Case, _Linear, cpu_note, provider_missing
 from .report import result
 from .timing import environment, floor_us, graph_time, measure, measure_ceilings, timing_method
 
@@ -169,8 +169,7 @@ def run_suite(cases: List[Case], providers=PROVIDERS, device: Optional[str] = No
                                    if p in rows[c]["providers"]}} for c in cases],
         env=environment(device), dtype=str(dtype), ceilings=ceilings, baseline=ours,
         legend={p: PROVIDER_DESCRIPTIONS[p] for p in providers},
-        note=None if device == "cuda" else
-        "CPU run: reduced shapes and CPU timings; GPU figures need a GPU")
+        note=None if device == "cuda" else cpu_note(c.model for c in cases))
 
 
 def plot(data: dict, path: Path) -> Optional[str]:
