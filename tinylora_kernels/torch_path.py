@@ -47,8 +47,8 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 
 #: Output elements from which the split 16-bit path pays: it saves ~20 bytes of traffic per
 #: output element (the fp32 round trip) but issues ~15 more small operations, and on the H200
-#: machine each costs ~15 µs of host time (benchmarks/results/TUNING.md, v4); below this (decode, small
-#: layers) the fp32 path is cheaper. An estimate from those figures, not yet measured.
+#: machine each costs ~15 µs of host time (benchmarks/results/TUNING.md, v4); below this
+#: (decode, small layers) the fp32 path is cheaper. An estimate from those figures, not yet measured.
 SPLIT16_MIN_ELEMENTS = 1 << 24
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .cases import nf4_linear
 from .report import result
 from .timing import environment, measure, timing_method
 
@@ -25,14 +26,10 @@ TARGET = 1.1
 
 
 def _layer_case(n: int, k: int, rows: int, rounds: int, device: str) -> dict:
-    import bitsandbytes as bnb
-
     from .. import AdapterSet, TinyLoRAGlobalParams, apply_tiny_lora
 
     gen = torch.Generator().manual_seed(0)
-    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    lin.weight = bnb.nn.Params4bit((torch.randn(n, k, generator=gen) * 0.02), requires_grad=False,
-                                   quant_type="nf4").to(device)
+    lin = nf4_linear(torch.randn(n, k, generator=gen) * 0.02, device, torch.bfloat16)
     lin.train()               # bitsandbytes' eval-mode CPU forward would repack the weight
 
     class One(nn.Module):

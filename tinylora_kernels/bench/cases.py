@@ -82,21 +82,29 @@ def cpu_note(models, what: str = "GPU figures need a GPU") -> str:
     return f"CPU run: {shapes}CPU timings; {what}"
 
 
+def nf4_linear(w: torch.Tensor, device: str, compute_dtype: torch.dtype,
+               bias: bool = False) -> torch.nn.Module:
+    """bitsandbytes' ``Linear4bit`` holding ``w`` (out x in) in NF4 with double quantization,
+    on ``device``: the 4-bit layer every bench mode times."""
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    lin = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype,
+                            compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4").to(device)
+    return lin
+
+
 # -- the layers each provider runs ------------------------------------------------------------
 class _Linear:
     """One adapted linear in every form the providers need, built from one random weight."""
 
     def __init__(self, n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator):
-        import bitsandbytes as bnb
-
         from .. import TinyLoRAGlobalParams, TinyLoRALinear
 
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
         self.dense = w.to(device)
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True,
-                                quant_type="nf4")
-        lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False,
-                                       quant_type="nf4").to(device)
+        lin = nf4_linear(w, device, dtype)
         self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
         self.layer = TinyLoRALinear(lin, RANK, None, self.gp, projection="diagonal",
                                     svd="device" if device == "cuda" else "cpu",

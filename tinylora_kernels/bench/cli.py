@@ -96,8 +96,7 @@ def _suite(args, device, say):
     cases = default_cases(device, models=args.models, ms=args.m, modes=args.modes,
                           layers=args.layers)
     if device == "cpu":
-        print("No GPU here: " + cpu_note(c.model for c in cases)[len("CPU run: "):] + ".",
-              flush=True)
+        print(cpu_note(c.model for c in cases) + ".", flush=True)
     return run_suite(cases, args.providers, device=device, budget_s=args.budget_s,
                      dtype=DTYPES[args.dtype] if args.dtype else None)
 

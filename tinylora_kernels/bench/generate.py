@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .host import _set_env
+from .host import env_var
 from .report import result
 from .timing import environment, measure, timing_method
 
@@ -49,12 +49,8 @@ def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds
 
     def run(model, decoded_mb=None):
         def go():
-            old = _set_env("TINYLORA_CPU_DECODED_MB", decoded_mb)
-            try:
-                with torch.no_grad():
-                    model.generate(ids, **kw)
-            finally:
-                _set_env("TINYLORA_CPU_DECODED_MB", old)
+            with env_var("TINYLORA_CPU_DECODED_MB", decoded_mb), torch.no_grad():
+                model.generate(ids, **kw)
         return go
 
     fns: Dict[str, Callable] = {"bitsandbytes": run(bare), "tinylora": run(ours),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
-from .cases import RANK, U
+from .cases import RANK, U, nf4_linear
 from .report import result
 from .timing import environment, measure, timing_method
 
@@ -51,16 +52,11 @@ def count_ops(fn: Callable) -> List[str]:
 
 
 def _host_layer(n: int, k: int, device: str):
-    import bitsandbytes as bnb
-
     from .. import TinyLoRAGlobalParams, TinyLoRALinear
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
-    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                            compress_statistics=True)
-    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False,
-                                   quant_type="nf4").to(device)
+    lin = nf4_linear(w, device, torch.bfloat16)
     lin.train()               # bitsandbytes' eval-mode CPU forward repacks the weight in place
     gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
     layer = TinyLoRALinear(lin, RANK, None, gp, generator=torch.Generator().manual_seed(1))
@@ -111,15 +107,12 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     for call, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
                              ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
         for name, backend_name, decoded_mb in variants:
-            old = _set_env("TINYLORA_CPU_DECODED_MB", decoded_mb)
-            try:
-                with backend_mod.use_backend(backend_name):
-                    timed = measure({"bitsandbytes": bare, "tinylora": ours}, device,
-                                    clock="wall", rounds=rounds, reps=reps)
-                    ops = count_ops(ours)
-                    plan = str(router.explain(layer, x))
-            finally:
-                _set_env("TINYLORA_CPU_DECODED_MB", old)
+            with env_var("TINYLORA_CPU_DECODED_MB", decoded_mb), \
+                    backend_mod.use_backend(backend_name):
+                timed = measure({"bitsandbytes": bare, "tinylora": ours}, device,
+                                clock="wall", rounds=rounds, reps=reps)
+                ops = count_ops(ours)
+                plan = str(router.explain(layer, x))
             timed["bitsandbytes"]["ops"] = len(count_ops(bare))
             timed["tinylora"].update(ops=len(ops), op_list=ops, plan=plan)
             ratio = timed["tinylora"]["min_us"] / timed["bitsandbytes"]["min_us"]
@@ -136,11 +129,19 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
         legend=HOST_COST_LEGEND, summary=summary, targets=HOST_COST_TARGETS)
 
 
-def _set_env(name: str, value):
-    """Set (or with None, remove) an environment variable; returns its old value."""
+@contextlib.contextmanager
+def env_var(name: str, value: Optional[str]):
+    """The environment variable ``name`` set to ``value`` (None: removed) inside the block, as
+    it was after it."""
     old = os.environ.get(name)
     if value is None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
-    return old
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .cases import MODELS
+from .cases import MODELS, nf4_linear
 from .report import result
 from .timing import environment, timing_method
 
@@ -23,20 +23,15 @@ __all__ = ["setup_cost"]
 
 
 def _build(model: str, n_layers: int, device: str) -> torch.nn.Module:
-    import bitsandbytes as bnb
-
     g = torch.Generator().manual_seed(0)
     root = torch.nn.Module()
     root.layers = torch.nn.ModuleList()
     for _ in range(n_layers):
         block = torch.nn.Module()
         for name, (n, k) in MODELS[model]["shapes"].items():
-            lin = bnb.nn.Linear4bit(k, n, bias=name in ("q_proj", "k_proj", "v_proj"),
-                                    compute_dtype=torch.float16, compress_statistics=True,
-                                    quant_type="nf4")
             w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
-            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to(device)
-            setattr(block, name, lin)
+            setattr(block, name, nf4_linear(w, device, torch.float16,
+                                            bias=name in ("q_proj", "k_proj", "v_proj")))
         root.layers.append(block)
     return root
 
