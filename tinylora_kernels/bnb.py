@@ -13,16 +13,25 @@ to know them:
 On a CPU, bitsandbytes decodes the whole weight at every call (its fast path exists only for CPUs
 with AVX512-BF16, and repacks the weight in place). Here the base product on a CPU uses a decoded
 copy of the weight in the compute dtype, kept per layer while a process-wide budget allows
-(:func:`cpu_decoded_weight`; ``TINYLORA_CPU_DECODED_MB``, default 1024 MiB, 0 turns it off):
-the same bits as bitsandbytes' decode-then-``linear``, without decoding again at every call. The
-NF4 storage stays as it is (the kernels, the SVD and the checkpoints read it); layers beyond the
-budget decode per call, as bitsandbytes does.
+(:func:`cpu_decoded_weight`; ``TINYLORA_CPU_DECODED_MB``, default 1024 MiB, 0 turns it off, read
+at every call: lowering it frees kept copies): the same bits as bitsandbytes' decode-then-
+``linear``, without decoding again at every call. The NF4 storage stays as it is (the kernels, the
+SVD and the checkpoints read it); layers beyond the budget decode per call, as bitsandbytes does.
+
+A kept copy can never go stale: it is tied to the CONTENT of the storage it was decoded from, not
+to pointers, version counters or object identities (which ``weight.data.copy_(...)`` or an
+in-place edit of ``quant_state.absmax`` leave unchanged). Every call recomputes a fingerprint of
+the packed bytes and of every quant-state tensor (:func:`storage_fingerprint`: 64-bit word sums
+along both axes of each 512-byte block grid, ~8 % of one fp32 M = 1 product's time) and decodes
+again when it differs.
 
 ``import bitsandbytes`` happens only inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import weakref
 from functools import lru_cache
@@ -32,7 +41,11 @@ import torch.nn.functional as F
 
 from .nf4 import NF4Weight, dequantize_nf4, is_cpu_packed, restore_canonical_layout
 
-__all__ = ["is_linear4bit", "nf4_of", "linear4bit_compute_dtype", "linear4bit_forward",
+log = logging.getLogger(__name__)
+
+__all__ = ["is_linear4bit", "nf4_of", "storage_identity", "storage_fingerprint",
+           "restore_before_wrap",
+           "linear4bit_compute_dtype", "linear4bit_forward",
            "restore_canonical_layout", "is_cpu_packed", "declare_adapter"]
 
 
@@ -56,6 +69,28 @@ def linear4bit_compute_dtype(layer, x: torch.Tensor) -> torch.dtype:
         layer.set_compute_type(x)
         layer.compute_type_is_set = True
     return layer.compute_dtype or x.dtype
+
+
+def storage_identity(weight) -> tuple:
+    """Which tensors a 4-bit weight's NF4 view is made of (ids are unique while the kept view
+    holds the old tensors alive)."""
+    qs = weight.quant_state
+    key = (id(weight), weight.data_ptr(), id(qs), id(qs.absmax), id(qs.code))
+    if qs.nested:
+        s2 = qs.state2
+        key += (id(s2), id(s2.absmax), id(s2.code), id(qs.offset))
+    return key
+
+
+def restore_before_wrap(layer) -> bool:
+    """Undo bitsandbytes' in-place CPU repacking of a 4-bit base about to be wrapped; True when
+    it had happened."""
+    if is_linear4bit(layer) and restore_canonical_layout(layer):
+        log.warning("the 4-bit weight had been repacked in place by bitsandbytes' CPU "
+                    "inference path; restored the NF4 layout (its block scales stay rounded "
+                    "to bf16, as that path left them; checkpoints record it)")
+        return True
+    return False
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -119,46 +154,113 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
                            quant_state=qs)
 
 
-#: layer -> (storage key, decoded weight): the kept CPU copies (see the module docstring)
+#: layer -> (storage fingerprint, decoded weight): the kept CPU copies (see the module docstring)
 _DECODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-#: layer -> (storage key, budget, number of kept copies) when its copy did not fit
+#: layer -> (storage fingerprint, budget, number of kept copies) when its copy did not fit
 _NOT_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+_BUDGET_VARIABLE = "TINYLORA_CPU_DECODED_MB"
 
-def decoded_budget_bytes() -> int:
-    """The process-wide budget for decoded CPU weights (``TINYLORA_CPU_DECODED_MB``, MiB)."""
-    raw = os.environ.get("TINYLORA_CPU_DECODED_MB", "1024")
+
+@lru_cache(maxsize=8)
+def _parse_budget(raw: str) -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"TINYLORA_CPU_DECODED_MB must be a number of MiB, got {raw!r}") \
-            from None
-    return int(max(mb, 0) * (1 << 20))
+        mb = float("nan")
+    if not math.isfinite(mb) or mb < 0:
+        raise ValueError(f"{_BUDGET_VARIABLE} must be a finite number of MiB >= 0 (0 turns the "
+                         f"kept decoded CPU weights off), got {raw!r}")
+    return int(mb * (1 << 20))
+
+
+def decoded_budget_bytes() -> int:
+    """The process-wide budget for decoded CPU weights (``TINYLORA_CPU_DECODED_MB``, MiB; a
+    ValueError naming the variable for anything but a finite number >= 0)."""
+    return _parse_budget(os.environ.get(_BUDGET_VARIABLE, "1024"))
+
+
+#: bytes of one fingerprint block: 64 words of 64 bits
+_BLOCK_WORDS = 64
+
+
+def _tensor_fingerprint(t: torch.Tensor) -> tuple:
+    """What identifies ``t``'s content: small tensors are copied whole; larger ones give, over
+    their bytes as a grid of 64-bit words (64 per row), the wrapping sum of every row and of
+    every column (one changed word always changes it; exchanged rows or words do unless their
+    sums are equal), plus the bytes past the grid."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return (t.dtype, tuple(t.shape))
+    raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    whole = raw.numel() // (8 * _BLOCK_WORDS) * (8 * _BLOCK_WORDS)
+    if whole == 0 or raw.storage_offset() % 8:
+        return (t.dtype, tuple(t.shape), raw.clone())
+    grid = raw[:whole].view(torch.int64).view(-1, _BLOCK_WORDS)
+    return (t.dtype, tuple(t.shape), grid.sum(1), grid.sum(0), raw[whole:].clone())
+
+
+def storage_fingerprint(layer) -> tuple:
+    """A fingerprint of everything a ``Linear4bit``'s decode reads: the packed bytes and the
+    quant state (tensors by content, scalars by value). Equal fingerprints mean the same decoded
+    weight (up to changes that leave every row and column sum of a 512-byte block grid equal)."""
+    qs = layer.weight.quant_state
+    parts = [tuple(qs.shape), int(qs.blocksize), qs.dtype, bool(qs.nested),
+             _tensor_fingerprint(layer.weight.data)]
+    tensors = [qs.absmax, qs.code]
+    if qs.nested:
+        s2 = qs.state2
+        parts.append(int(s2.blocksize))
+        tensors += [s2.absmax, s2.code, qs.offset]
+    for t in tensors:
+        parts.append(_tensor_fingerprint(t) if isinstance(t, torch.Tensor) else t)
+    return tuple(parts)
+
+
+def _same(a, b) -> bool:
+    """Fingerprints equal (tensors by content)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and torch.equal(a, b))
+    return a == b
+
+
+def _kept_bytes() -> int:
+    return sum(t.numel() * t.element_size() for _, t in _DECODED.values())
+
+
+def _fit_budget(budget: int) -> None:
+    """Drop kept copies, oldest first, until they fit in ``budget`` bytes."""
+    while _DECODED and _kept_bytes() > budget:
+        del _DECODED[next(iter(_DECODED.keys()))]
 
 
 def cpu_decoded_weight(layer, dtype: torch.dtype):
-    """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while its storage is
-    unchanged; None when it would not fit in the budget (or the budget is 0)."""
+    """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while the storage's
+    content is unchanged (checked at every call); None when it would not fit in the budget (or
+    the budget is 0). A lowered budget frees kept copies, oldest first."""
     budget = decoded_budget_bytes()
+    _fit_budget(budget)
     if budget <= 0:
-        _DECODED.pop(layer, None)
         return None
-    weight = layer.weight
-    key = (weight.data_ptr(), weight._version, id(weight.quant_state), dtype)
+    key = (dtype, storage_fingerprint(layer))
     kept = _DECODED.get(layer)
     if kept is not None:
-        if kept[0] == key:
+        if _same(kept[0], key):
             return kept[1]
         del _DECODED[layer]
     # a layer found not to fit is not re-checked until the budget or the kept set changes
-    state = (key, budget, len(_DECODED))
-    if _NOT_KEPT.get(layer) == state:
+    not_kept = _NOT_KEPT.get(layer)
+    if not_kept is not None and not_kept[1:] == (budget, len(_DECODED)) \
+            and _same(not_kept[0], key):
         return None
     size = layer.out_features * layer.in_features * dtype.itemsize
-    used = sum(t.numel() * t.element_size() for _, t in _DECODED.values())
-    if used + size > budget:
-        _NOT_KEPT[layer] = state
+    if _kept_bytes() + size > budget:
+        _NOT_KEPT[layer] = (key, budget, len(_DECODED))
         return None
+    _NOT_KEPT.pop(layer, None)
     with torch.inference_mode(False), torch.no_grad():
         decoded = dequantize_nf4(nf4_of(layer), dtype)
     _DECODED[layer] = (key, decoded)

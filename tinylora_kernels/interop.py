@@ -162,13 +162,9 @@ def merge_tiny_lora(model) -> int:
 
 def unmerge_tiny_lora(model) -> int:
     """Subtract the ΔW each layer merged (of the v recorded at merge time, whatever v is now):
-    W is restored to within rounding; returns the count."""
-    count = 0
-    for _, layer in _layers(model):
-        if layer.merged:
-            merge_state.unmerge(layer)
-            count += 1
-    return count
+    W is restored to within rounding; returns the count. A layer whose base weight was replaced
+    or reloaded since the merge holds no ΔW: its weight is left as it is (and not counted)."""
+    return sum(merge_state.unmerge(layer) for _, layer in _layers(model) if layer.merged)
 
 
 def export_merged(model, path: Union[str, os.PathLike], *,

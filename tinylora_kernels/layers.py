@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from . import adapter_state, backend, merge_state, router
-from .bnb import (declare_adapter, is_cpu_packed, is_linear4bit, linear4bit_compute_dtype,
-                  linear4bit_forward, nf4_of, restore_canonical_layout)
+from .bnb import (declare_adapter, decoded_budget_bytes, is_cpu_packed, is_linear4bit,
+                  linear4bit_compute_dtype, linear4bit_forward, nf4_of,
+                  restore_before_wrap, restore_canonical_layout, storage_identity)
 from .factors import SVD_METHODS, FactorCache, draw_projections, top_r_svd
 from .factors import finite_weight_fp32, global_rng_is_fresh
 from .grouping import grouped_forward, link_groups
@@ -69,7 +70,7 @@ class TinyLoRALinear(nn.Module):
         super().__init__()
         u = self._check_args(original_layer, rank, u, global_params_ref, projection, svd)
         rank = operator.index(rank)
-        rounded = _restore_layout(original_layer)
+        rounded = restore_before_wrap(original_layer)
         device = original_layer.weight.device
         if factor_cache is not None and not isinstance(factor_cache, FactorCache):
             factor_cache = FactorCache(factor_cache)
@@ -165,12 +166,13 @@ class TinyLoRALinear(nn.Module):
         object.__setattr__(self, "global_params_ref", global_params_ref)
         self.is_quantized = is_linear4bit(original_layer)
         #: bitsandbytes had rounded the NF4 block scales to bf16 (checkpoints record it)
-        self.scales_rounded_bf16 = _restore_layout(original_layer)
+        self.scales_rounded_bf16 = restore_before_wrap(original_layer)
         for p in original_layer.parameters():
             p.requires_grad_(False)
         self.p_seed: Optional[int] = None   # set by apply_tiny_lora when it knows the seed
         self.merged = False                 # ΔW folded into the base weight (merge_state.py)
         self.merged_v: Optional[torch.Tensor] = None    # the v whose ΔW was folded in
+        self.merged_mark = None             # the weight it was folded into (merge_state)
         self.backend: Optional[str] = None  # per-model backend (set_backend)
         self.layer_name: Optional[str] = None   # qualified name, set by apply_tiny_lora
 
@@ -193,7 +195,9 @@ class TinyLoRALinear(nn.Module):
         if torch.compiler.is_compiling():
             return nf4_of(self.base_layer)
         weight = self.base_layer.weight
-        key = (weight.data_ptr(), id(weight.quant_state))
+        # the view holds the storage's tensors themselves: kept while the layer holds the same
+        # ones (in-place writes show through a view; a replaced tensor changes the key)
+        key = storage_identity(weight)
         cached = self.__dict__.get("_nf4_view_")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_nf4_view_"] = (key, nf4_of(self.base_layer))
@@ -207,8 +211,10 @@ class TinyLoRALinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != in_features:
             raise ValueError(f"{self._label()}: expects inputs with in_features={in_features} "
                              f"in the last dimension, got an input of shape {tuple(x.shape)}")
+        if self.merged:
+            merge_state.check_current(self)     # a reloaded base weight is no longer merged
         plan = router.plan(self, x, compute_dtype, out_dtype)
-        rows = adapter_state.row_state(self, acc_dtype(x.dtype))
+        rows = adapter_state.row_state(self, acc_dtype(x.dtype), x)
         if rows is not None:
             return self._forward_rows(x, plan, rows, compute_dtype, out_dtype)
         if plan.path == "torch":
@@ -228,7 +234,6 @@ class TinyLoRALinear(nn.Module):
             rat, bt = adapter_state.inference_operands(self, acc)
             return add_adapter_inference(base, x, rat, bt, out_dtype)
         if plan.path == "merged":
-            merge_state.check_current(self)
             return self._base_forward(x, compute_dtype).to(out_dtype)
         self._check_storage()
         if plan.path == "fused" and "_group_" in self.__dict__ and not (
@@ -313,7 +318,7 @@ class TinyLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        before = (self.merged, self.merged_v, self.p_seed, self.rng_scheme)
+        before = (self.merged, self.merged_v, self.p_seed, self.rng_scheme, self.merged_mark)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         key, weight_key = prefix + "_extra_state", prefix + "base_layer.weight"
@@ -323,7 +328,7 @@ class TinyLoRALinear(nn.Module):
                 merge_state.set_extra_state(self, None)
         if weight_key not in state_dict and self.merged != before[0]:
             # the merge record would no longer describe the weight this layer keeps
-            self.merged, self.merged_v, self.p_seed, self.rng_scheme = before
+            self.merged, self.merged_v, self.p_seed, self.rng_scheme, self.merged_mark = before
             error_msgs.append(f"{self._label()}: the state dict says merged={not before[0]} "
                               f"but holds no base weight, while this layer's weight is "
                               f"{'merged' if before[0] else 'not merged'}")
@@ -338,6 +343,7 @@ class TinyLoRALinear(nn.Module):
             if new.dtype != old.dtype:
                 # a dtype cast (.half(), .float(), .to(dtype)): keep the values, follow the device
                 self._buffers[name] = old.to(new.device)
+        self.merged_mark = None             # a merged weight converted: marked again on use
         self._drop_kept()
         return self
 
@@ -349,17 +355,6 @@ class TinyLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, u={self.u}, projection={self.projection!r}, "
                 f"quantized={self.is_quantized}")
-
-
-def _restore_layout(layer) -> bool:
-    """Undo bitsandbytes' in-place CPU repacking of a 4-bit base about to be wrapped; True when
-    it had happened."""
-    if is_linear4bit(layer) and restore_canonical_layout(layer):
-        log.warning("the 4-bit weight had been repacked in place by bitsandbytes' CPU "
-                    "inference path; restored the NF4 layout (its block scales stay rounded "
-                    "to bf16, as that path left them; checkpoints record it)")
-        return True
-    return False
 
 
 # -- apply ---------------------------------------------------------------------------------------
@@ -431,7 +426,8 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
         rng_seed = as_int(rng_seed, "rng_seed")
         if not 0 <= rng_seed < 2 ** 63:
             raise ValueError(f"rng_seed must be in [0, 2**63), got {rng_seed}")
-    backend.from_environment()              # a bad TINYLORA_BACKEND is reported here, not later
+    # a bad TINYLORA_BACKEND or TINYLORA_CPU_DECODED_MB is reported here, not later
+    backend.from_environment(), decoded_budget_bytes()
     attached = getattr(model, "tiny_lora_params", None)
     if attached is not None and attached is not global_params_ref:
         raise ValueError("model.tiny_lora_params already holds another TinyLoRAGlobalParams; "
@@ -454,7 +450,6 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
     names = {id(m): n for n, m in model.named_modules()}
 
     from tqdm.auto import tqdm
-
     # building a layer freezes its base; a failure part-way must leave the model as it was
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     built = []

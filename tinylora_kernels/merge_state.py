@@ -7,6 +7,12 @@ happened to v meanwhile. While merged, a call whose v differs from the merged on
 (:func:`check_current`): the merged weight holds the old adapter, and no answer is better than a
 silently wrong one.
 
+The record also marks the weight it was folded into (:func:`weight_mark`: which tensor, its
+version counter, and a sample of its values). A base weight replaced or reloaded since the merge
+(``load_state_dict`` of the base layer, ``weight.data.copy_(...)``, ``weight.data = ...``) no
+longer holds ΔW: the layer then counts as not merged (with a warning naming it), adds the adapter
+at every call again, and ``unmerge_tiny_lora`` leaves that weight as it is.
+
 The layer's *extra state* (``<prefix>._extra_state`` in its state dict, one float64 tensor so that
 safetensors can hold it) carries the merged flag, the merged v, and which seed and RNG scheme drew
 P. A merged state dict loaded into a fresh adapted model therefore arrives merged (ΔW is not added
@@ -16,6 +22,7 @@ State dicts written before this field existed load as "not merged, seed unknown"
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -23,8 +30,10 @@ import torch
 from .adapter_state import current_call, layer_constants
 from .torch_path import no_autocast, r_from
 
-__all__ = ["delta_for", "merge", "unmerge", "check_current", "extra_state", "set_extra_state",
-           "MergeError"]
+__all__ = ["delta_for", "merge", "unmerge", "check_current", "still_merged", "weight_mark",
+           "WeightMark", "extra_state", "set_extra_state", "MergeError"]
+
+log = logging.getLogger(__name__)
 
 _FORMAT = 1.0
 _SCHEMES = ("global", "per_layer")
@@ -43,23 +52,102 @@ def delta_for(layer, v: torch.Tensor) -> torch.Tensor:
         return (c.b @ R) @ c.a
 
 
+#: values of the base weight sampled into a merge record (evenly spaced over the whole tensor)
+_SAMPLE = 512
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // _SAMPLE)]
+
+
+class WeightMark:
+    """What identifies a base weight's current values cheaply: its storage address, its version
+    counter and an evenly spaced sample of its values (a reload changes the sample even where it
+    leaves the address and the version counter as they were, e.g. ``weight.data.copy_``).
+
+    A copy of the model (``deepcopy``, pickling) or a conversion (``.to``, ``.half()``) carries ΔW
+    along in its own tensors: the mark then becomes None, "mark again on next use"."""
+
+    __slots__ = ("ptr", "version", "sample")
+
+    def __init__(self, weight: torch.Tensor):
+        self.ptr, self.version = weight.data_ptr(), weight._version
+        self.sample = _sample(weight).clone()
+
+    def holds(self, weight: torch.Tensor, values: bool) -> bool:
+        """Whether ``weight`` is still the marked one (``values``: compare the sample too)."""
+        if (self.ptr, self.version) != (weight.data_ptr(), weight._version):
+            return False
+        if not values:
+            return True
+        sample = _sample(weight)
+        return sample.shape == self.sample.shape and torch.equal(sample, self.sample)
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def weight_mark(weight: torch.Tensor) -> WeightMark:
+    """The :class:`WeightMark` of a base weight now."""
+    with torch.no_grad():
+        return WeightMark(weight)
+
+
 def merge(layer, v: torch.Tensor) -> None:
     """Add ΔW(v) to the layer's float base weight and record ``v`` (a copy, kept by the caller
-    for all layers merged together)."""
+    for all layers merged together) and the weight it went into."""
     w = layer.base_layer.weight
     with torch.no_grad():
         w.copy_((w.float() + delta_for(layer, v).to(w.device)).to(w.dtype))
+    layer.merged_mark = weight_mark(w)
     layer.merged = True
     layer.merged_v = v
 
 
-def unmerge(layer) -> None:
-    """Subtract ΔW of the recorded v (base weight back to within rounding of the original)."""
+def unmerge(layer) -> bool:
+    """Subtract ΔW of the recorded v (base weight back to within rounding of the original);
+    False (and nothing subtracted) when the weight was replaced since the merge."""
+    if not still_merged(layer, full=True):
+        return False
     w = layer.base_layer.weight
     with torch.no_grad():
         w.copy_((w.float() - delta_for(layer, layer.merged_v).to(w.device)).to(w.dtype))
+    _forget(layer)
+    return True
+
+
+def _forget(layer) -> None:
     layer.merged = False
     layer.merged_v = None
+    layer.merged_mark = None
+
+
+def still_merged(layer, full: bool = False) -> bool:
+    """Whether the layer's base weight is still the one ΔW was folded into; when it is not,
+    the merge record is dropped (with a warning naming the layer).
+
+    Compared every time: the tensor and its version counter; the value sample on a CPU, and on
+    a GPU only when ``full`` (a comparison there waits for the device). A record loaded from a
+    state dict marks the weight the first time it is checked."""
+    if not layer.merged:
+        return False
+    w = layer.base_layer.weight
+    mark = layer.merged_mark
+    if mark is None:
+        layer.merged_mark = weight_mark(w)
+        return True
+    same = mark.holds(w, values=full or not w.is_cuda)
+    if not same:
+        _forget(layer)
+        log.warning("%s: its base weight was replaced or reloaded since merge_tiny_lora folded "
+                    "ΔW into it; the new weight is taken as the base weight (not merged): the "
+                    "adapter is added at every call again, and unmerge_tiny_lora leaves it as "
+                    "it is", layer._label())
+    return same
 
 
 def check_current(layer) -> None:
@@ -72,6 +160,8 @@ def check_current(layer) -> None:
         return
     if torch.compiler.is_compiling():
         return          # a compiled graph holds no host-side checks; eager calls are checked
+    if not still_merged(layer):
+        return
     gp = layer.global_params_ref
     call = current_call(gp)
     if call is not None and call.merged_v_checked is merged_v:
@@ -103,7 +193,7 @@ def set_extra_state(layer, state: Optional[torch.Tensor]) -> None:
     """Take the merged flag, merged v, seed and scheme from a state dict's extra state (None:
     a state dict written before this field: not merged, seed unknown)."""
     if state is None:
-        layer.merged, layer.merged_v = False, None
+        layer.merged, layer.merged_v, layer.merged_mark = False, None, None
         layer.p_seed = None
         return
     if not isinstance(state, torch.Tensor) or state.dim() != 1 or state.numel() < 6 \
@@ -117,6 +207,7 @@ def set_extra_state(layer, state: Optional[torch.Tensor]) -> None:
                          f"entries, this layer's v has {layer.u}")
     gv = layer.global_params_ref.global_v
     layer.merged = merged
+    layer.merged_mark = None            # the base weight loaded with this record: marked on use
     layer.merged_v = torch.tensor(vals[6:], dtype=torch.float64).to(gv.device, gv.dtype) \
         if merged else None
     layer.p_seed = (int(vals[3]) << 32 | int(vals[4])) if vals[2] else None
