@@ -166,9 +166,15 @@ class AdapterSet:
 
     @contextlib.contextmanager
     def per_sequence(self, model, assignment: Sequence[str]):
-        """Within the block, sequence i of every batch given to ``model`` uses the adapter
-        ``assignment[i]`` (see the module docstring for names and batch expansion)."""
-        from .adapter_state import install_call_hooks
+        """Within the block, in this thread, sequence i of every batch given to ``model`` (or to
+        any module holding its TinyLoRA layers: the assignment belongs to the model's v) uses the
+        adapter ``assignment[i]`` (see the module docstring for names and batch expansion).
+
+        Other threads keep using the model's own v. transformers' continuous batching
+        (``generate_batch``, ``init_continuous_batching``) is refused within the block: its
+        requests are packed into one row and run in another thread, where no assignment is
+        seen."""
+        from .adapter_state import assigned_rows, hooked_models, install_call_hooks
 
         layers = _layers_of(model)
         if layers[0].global_params_ref is not self.model_ref:
@@ -180,12 +186,46 @@ class AdapterSet:
                              "unmerge_tiny_lora(model) first")
         codes = self.codes(assignment)
         install_call_hooks(model, self.model_ref)
-        previous = model.__dict__.get("_tinylora_rows_")
-        model.__dict__["_tinylora_rows_"] = (self, codes)
-        try:
+        with assigned_rows(self.model_ref, self, codes), \
+                _continuous_batching_refused(hooked_models(self.model_ref), self.model_ref):
             yield self
-        finally:
-            if previous is None:
-                model.__dict__.pop("_tinylora_rows_", None)
-            else:
-                model.__dict__["_tinylora_rows_"] = previous
+
+
+#: transformers' entry points to continuous batching (see :meth:`AdapterSet.per_sequence`)
+_CONTINUOUS_BATCHING = ("generate_batch", "init_continuous_batching",
+                        "continuous_batching_context_manager")
+
+
+@contextlib.contextmanager
+def _continuous_batching_refused(models, gp):
+    """Within the block, the continuous-batching entry points of ``models`` raise in a thread
+    with per-sequence adapters for ``gp`` (other threads get the originals)."""
+    from .adapter_state import assignment
+
+    shadowed = []
+    for model in models:
+        for name in _CONTINUOUS_BATCHING:
+            original = getattr(model, name, None)
+            if original is None or name in model.__dict__:
+                continue
+            model.__dict__[name] = _refusing(original, gp, name, assignment)
+            shadowed.append((model, name))
+    try:
+        yield
+    finally:
+        for model, name in shadowed:
+            model.__dict__.pop(name, None)
+
+
+def _refusing(original, gp, name, assignment):
+    def entry(*args, **kwargs):
+        if assignment(gp) is not None:
+            raise ValueError(
+                f"{name}: transformers' continuous batching packs every request into one row "
+                "and runs the model in another thread, so per-sequence adapters cannot follow "
+                "each request; call generate() inside AdapterSet.per_sequence (one adapter name "
+                f"per sequence), or {name} outside the block (the model's own v)")
+        return original(*args, **kwargs)
+
+    entry.__wrapped__ = original
+    return entry

@@ -30,6 +30,7 @@ CUDA-graph-captured) step replayed after an optimizer step uses the new v, with 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -39,7 +40,8 @@ import torch
 from .torch_path import LayerConstants, acc_dtype, folded_operand, no_autocast, r_from
 
 __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
-           "layer_R", "inference_operands", "install_call_hooks", "model_call", "row_state"]
+           "layer_R", "inference_operands", "install_call_hooks", "model_call", "row_state",
+           "assigned_rows", "assignment", "expand_rows", "hooked_models"]
 
 
 class _Calls(threading.local):
@@ -80,9 +82,50 @@ def _calls(gp) -> _Calls:
     return calls
 
 
+# -- per-sequence assignments (AdapterSet.per_sequence): this thread's, for one v ----------------
+class _Assigned(threading.local):
+    """This thread's open ``per_sequence`` assignments: id(TinyLoRAGlobalParams) -> (the
+    AdapterSet, the row codes). Other threads never see them."""
+
+    def __init__(self):
+        self.by_gp: Dict[int, tuple] = {}
+
+
+_ASSIGNED = _Assigned()
+#: open per_sequence blocks in all threads; compiled code reads it (a guard: a compiled model
+#: recompiles once when the first block opens, and reads the assignment eagerly while any is open)
+OPEN_BLOCKS = 0
+_OPEN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def assigned_rows(gp, adapters, codes: torch.Tensor):
+    """Within the block, in this thread, every call of a layer sharing ``gp`` uses per-sequence
+    adapters: sequence i of a batch the adapter coded ``codes[i]``."""
+    global OPEN_BLOCKS
+    previous = _ASSIGNED.by_gp.get(id(gp))
+    _ASSIGNED.by_gp[id(gp)] = (adapters, codes)
+    with _OPEN_LOCK:
+        OPEN_BLOCKS += 1
+    try:
+        yield
+    finally:
+        with _OPEN_LOCK:
+            OPEN_BLOCKS -= 1
+        if previous is None:
+            _ASSIGNED.by_gp.pop(id(gp), None)
+        else:
+            _ASSIGNED.by_gp[id(gp)] = previous
+
+
+def assignment(gp) -> Optional[tuple]:
+    """(AdapterSet, codes) of this thread's open ``per_sequence`` block for ``gp``, or None."""
+    return _ASSIGNED.by_gp.get(id(gp)) if OPEN_BLOCKS else None
+
+
 def enter_call(model, args=None, kwargs=None) -> None:
     """Forward pre-hook of an adapted model: open its adapter state (nested calls share one),
-    with the per-sequence adapters of an open ``AdapterSet.per_sequence`` block."""
+    with the per-sequence adapters of this thread's open ``AdapterSet.per_sequence`` block."""
     gp = model.__dict__.get("_tinylora_gp_")
     if gp is None or torch.compiler.is_compiling():
         return
@@ -90,9 +133,9 @@ def enter_call(model, args=None, kwargs=None) -> None:
     if calls.depth == 0:
         calls.call = AdapterCall(gp)
     calls.depth += 1            # first: the always-called exit hook closes it even if we raise
-    assigned = model.__dict__.get("_tinylora_rows_")
+    assigned = assignment(gp)
     if assigned is not None and calls.depth == 1:
-        calls.call.rows = (assigned[0], _expand_rows(assigned[1], _batch_size(args, kwargs)))
+        calls.call.rows = (assigned[0], expand_rows(assigned[1], _batch_size(args, kwargs)))
 
 
 def _batch_size(args, kwargs) -> Optional[int]:
@@ -104,16 +147,33 @@ def _batch_size(args, kwargs) -> Optional[int]:
     return None
 
 
-def _expand_rows(codes: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
-    """The per-sequence codes for a batch of ``batch`` rows: as assigned, or each repeated in
-    place k times when generate expanded the batch k-fold (num_return_sequences, num_beams)."""
+def _in_generate() -> bool:
+    """Whether this call comes from transformers' ``generate`` (which expands a batch for
+    ``num_return_sequences`` / ``num_beams``, each sequence repeated in place)."""
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "generate" and code.co_filename.replace("\\", "/").endswith(
+                "transformers/generation/utils.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def expand_rows(codes: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
+    """The per-sequence codes for a batch of ``batch`` rows: as assigned; inside ``generate``,
+    each repeated in place k times when it expanded the batch k-fold. Any other size is an
+    error naming both."""
     n = codes.shape[0]
     if batch is None or batch == n:
         return codes
-    if batch % n == 0:
+    if batch % n == 0 and _in_generate():
         return codes.repeat_interleave(batch // n)
     raise ValueError(f"per-sequence adapters: the assignment names {n} sequences, but the model "
-                     f"was called with a batch of {batch}; give one adapter name per sequence")
+                     f"was called with a batch of {batch}; give one adapter name per sequence "
+                     "(only generate's num_return_sequences / num_beams repeat each in place)")
 
 
 def exit_call(model, args=None, output=None) -> None:
@@ -143,11 +203,35 @@ def install_call_hooks(model, gp) -> None:
     """Open and close ``gp``'s adapter state around every call of ``model`` (hooks once per
     model; ``gp`` kept as a plain attribute, so copies of the model follow their own copy)."""
     model.__dict__["_tinylora_gp_"] = gp
+    hooked = gp.__dict__.get("_hooked_")
+    if hooked is None:
+        hooked = gp.__dict__["_hooked_"] = _Hooked()
+    hooked.models.add(model)
     for hook in model._forward_pre_hooks.values():
         if hook is enter_call:
             return
     model.register_forward_pre_hook(enter_call, with_kwargs=True)
     model.register_forward_hook(exit_call, always_call=True)
+
+
+class _Hooked:
+    """The models whose calls open ``gp``'s adapter state (weakly held; a copy of ``gp``
+    starts with none: a copied model's hooks are its own)."""
+
+    def __init__(self):
+        self.models = weakref.WeakSet()
+
+    def __deepcopy__(self, memo):
+        return _Hooked()
+
+    def __reduce__(self):
+        return (_Hooked, ())
+
+
+def hooked_models(gp) -> list:
+    """The modules whose calls open ``gp``'s adapter state."""
+    hooked = gp.__dict__.get("_hooked_")
+    return [] if hooked is None else list(hooked.models)
 
 
 def current_call(gp) -> Optional[AdapterCall]:
@@ -328,19 +412,37 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
 
 
 # -- per call, per sequence: every adapter's R ------------------------------------------------------
-def row_state(layer, acc: torch.Tensor):
-    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence) when the
-    current model call has per-sequence adapters, else None. Differentiable in the set's v's
-    and the model's v under autograd."""
-    call = current_call(layer.global_params_ref)
-    if call is None or call.rows is None:
+def row_state(layer, acc: torch.dtype, x: torch.Tensor):
+    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence) when this
+    thread has per-sequence adapters for the layer's v, else None. Differentiable in the set's
+    v's and the model's v under autograd. Under ``torch.compile`` a guard on
+    :data:`OPEN_BLOCKS` keeps the graph free of this while no block is open."""
+    if not OPEN_BLOCKS:
         return None
+    return _row_state(layer, acc, x)
+
+
+@torch.compiler.disable
+def _row_state(layer, acc, x):
+    gp = layer.global_params_ref
+    assigned = assignment(gp)
+    if assigned is None:
+        return None
+    adapters, codes = assigned
+    call = current_call(gp)
+    c = layer_constants(layer, acc)
+    if call is None or call.rows is None:
+        # not inside a call of a hooked model (a submodule or the layer called directly, or a
+        # compiled model): this layer's own, for the batch it is given
+        codes = expand_rows(codes, x.shape[0] if x.dim() >= 2 else 1)
+        all_v = adapters.all_v(v_view(gp, c.pt.device), c.pt.device, acc)
+        R = _rows_R(layer, c, all_v)
+        return R.transpose(1, 2)[codes.to(R.device)], codes
     adapters, codes = call.rows
     batch = call.row_batches.get(acc)
     if batch is None:
         batch = call.row_batches[acc] = _compute_row_batch(call, adapters, acc)
     got = batch.get(id(layer))
-    c = layer_constants(layer, acc)
     if got is None or got[1] is not c:
         _roster(call.gp).add(layer)
         R = _rows_R(layer, c, _all_v(call, adapters, c.pt.device, acc))    # (n + 2, r, r)
