@@ -23,6 +23,7 @@ from .factors import SVD_METHODS, FactorCache, draw_projections, top_r_svd
 from .factors import finite_weight_fp32, global_rng_is_fresh
 from .grouping import grouped_forward, link_groups
 from .params import TinyLoRAGlobalParams
+from .saving import enable_save_pretrained
 from .validation import as_int
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
                          add_adapter_rows, LayerConstants, acc_dtype, layer_adapter, r_from)
@@ -484,6 +485,7 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
                 [name for _, name, _ in built])
     if any(layer.is_quantized for _, _, layer in built):
         declare_adapter(model)          # transformers' Trainer then accepts the 4-bit model
+    enable_save_pretrained(model)       # base weights under their names, the adapter beside
     if freeze:
         model.requires_grad_(False)
         global_params_ref.global_v.requires_grad_(True)
