@@ -16,6 +16,17 @@ def test_check_runs_every_path_and_passes(capsys):
     assert "reference" in out and "0 failed" in out and "FAIL" not in out
 
 
+def test_check_says_once_what_a_path_it_cannot_run_needs(monkeypatch, capsys):
+    from tinylora_kernels import ops
+
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    assert main(["check", "--rows", "8", "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("TRITON_INTERPRET=1") == 1 and "not run here: the triton path" in out
+    rows = [line for line in out.splitlines() if line.startswith("qwen2")]
+    assert rows and all(" reference " in line and line.rstrip().endswith("ok") for line in rows)
+
+
 def _break_the_adapter(monkeypatch, scale=1.01):
     """A deliberately wrong torch path: the adapter added onto a base 1 % off."""
     from tinylora_kernels import layers

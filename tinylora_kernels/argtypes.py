@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-__all__ = ["positive_int", "positive_float", "choices_list", "int_list", "device",
+__all__ = ["positive_int", "positive_float", "choices_list", "int_list", "device", "file_stem",
            "result_file"]
 
 
@@ -69,6 +69,9 @@ def result_file(text: str) -> str:
     from pathlib import Path
 
     path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a JSON result file of "
+                                         "tinylora-kernels bench (e.g. one in it)")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     try:
@@ -93,3 +96,15 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
+
+
+def file_stem(text: str) -> str:
+    """A file name stem to write under --out: a plain name, no directory part (so nothing is
+    written outside --out)."""
+    import os
+
+    if not text or text in (".", "..") or "/" in text or os.sep in text \
+            or (os.altsep and os.altsep in text) or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name: give a name "
+                                         "without a directory (the files go to --out)")
+    return text

@@ -26,6 +26,7 @@ import torch.nn as nn
 from .factors import RNG_SCHEMES, SVD_METHODS, draw_projections, p_scale
 from .validation import as_int
 from .layers import TinyLoRAGlobalParams, apply_tiny_lora, find_targets, tiny_lora_layers
+from .saving import register_adapter_writer
 from .torch_path import PROJECTIONS
 
 log = logging.getLogger(__name__)
@@ -449,3 +450,7 @@ def _load_into_adapted(model, ck: TinyLoRACheckpoint, proj: str, v: torch.Tensor
     with torch.no_grad():
         params.global_v.copy_(v.to(params.global_v.device, params.global_v.dtype))
     return model
+
+
+# save_pretrained of an adapted model writes its adapter with this module's writer
+register_adapter_writer(save_tiny_lora)

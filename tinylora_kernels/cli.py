@@ -35,14 +35,21 @@ def _paths(device: str) -> List[tuple]:
 
     why_not = triton_missing()
     if why_not is None and device == "cpu" and not interpreting():
-        why_not = ("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter, slow); on a GPU "
-                   "use --device cuda")
+        why_not = ("on a CPU the Triton kernels run only under Triton's interpreter: run "
+                   "TRITON_INTERPRET=1 tinylora-kernels check (slow: minutes); on a GPU use "
+                   "--device cuda")
     return [("reference", None), ("triton", why_not)]
+
+
+def paths_not_run(device: str) -> List[str]:
+    """One line per computation path ``check`` cannot run here, saying what it needs."""
+    return [f"not run here: the {name} path ({why})" for name, why in _paths(device) if why]
 
 
 def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
               progress: bool = False, device: str = "cpu", plans: bool = False) -> List[dict]:
-    """Evaluate every available path on small random models; one result row per case.
+    """Evaluate every path that runs here on small random models; one result row per case
+    (:func:`paths_not_run` says which paths cannot run here and what they need).
 
     With ``plans``, each row also carries the router's plan for the model's first layer."""
     from . import TinyLoRAGlobalParams, apply_tiny_lora, router, tiny_lora_layers
@@ -66,14 +73,11 @@ def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
         apply_tiny_lora(model, gp, projection=projection, progress=progress)
         with torch.no_grad():
             gp.global_v.copy_(torch.randn(13, generator=gen) * 0.5)
-        for name, why in _paths(device):
+        for name, _ in (p for p in _paths(device) if p[1] is None):
             for dname in dtypes:
                 dtype = _DTYPES[dname]
                 row = {"model": label, "projection": projection, "path": name, "dtype": dname}
-                reason = why
-                if reason is not None:
-                    results.append({**row, "status": f"not run: {reason}"})
-                    continue
+                reason = None
                 worst, n_layers = None, 0
                 for _, layer in tiny_lora_layers(model):
                     x = torch.randn(rows, layer.base_layer.in_features, generator=gen)
@@ -190,8 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_table(results))
     for line in sorted({r["plan"] for r in results if r.get("plan")}):
         print("plan:", line)
+    for line in paths_not_run(device):
+        print(line)
     failed = [r for r in results if r["status"] == "FAIL"]
-    print(f"{len(results) - len(failed)} ok or not run, {len(failed)} failed "
+    ok = sum(r["status"] == "ok" for r in results)
+    print(f"{ok} ok, {len(results) - ok - len(failed)} not run, {len(failed)} failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
 

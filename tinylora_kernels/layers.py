@@ -481,11 +481,10 @@ def apply_tiny_lora(model: nn.Module, global_params_ref: TinyLoRAGlobalParams, r
     adapter_state.install_call_hooks(model, global_params_ref)
     for parent, name, layer in built:
         setattr(parent, name, layer)
-    link_groups([layer for _, _, layer in built], [id(parent) for parent, _, _ in built],
-                [name for _, name, _ in built])
+    link_groups(*zip(*[(layer, id(parent), name) for parent, name, layer in built]))
     if any(layer.is_quantized for _, _, layer in built):
         declare_adapter(model)          # transformers' Trainer then accepts the 4-bit model
-    enable_save_pretrained(model)       # base weights under their names, the adapter beside
+    enable_save_pretrained(model, TinyLoRALinear)   # base weights by their names, adapter beside
     if freeze:
         model.requires_grad_(False)
         global_params_ref.global_v.requires_grad_(True)

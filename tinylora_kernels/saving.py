@@ -27,7 +27,7 @@ import tempfile
 
 import torch.nn as nn
 
-__all__ = ["ADAPTER_FILE", "enable_save_pretrained"]
+__all__ = ["ADAPTER_FILE", "enable_save_pretrained", "register_adapter_writer", "base_state_dict"]
 
 #: the adapter's file name in a ``save_pretrained`` directory
 ADAPTER_FILE = "tiny_lora_v.pt"
@@ -35,9 +35,22 @@ _SUFFIX = "WithTinyLoRA"
 _CLASSES: dict = {}
 
 
-def enable_save_pretrained(model: nn.Module) -> bool:
-    """Give ``model`` (a transformers ``PreTrainedModel``) the adapter-aware ``save_pretrained``;
-    False for other models (left as they are)."""
+#: writes the adapter file: ``writer(model, path, seed=..., model_id=...)``; the checkpoint module
+#: (above this one) registers ``save_tiny_lora`` here when it is imported
+_ADAPTER_WRITER: list = []
+#: the layer class whose instances are swapped out while the base model is written
+_LAYER_CLASS: list = []
+
+
+def register_adapter_writer(writer) -> None:
+    """Set the function that writes ``tiny_lora_v.pt`` (see :data:`_ADAPTER_WRITER`)."""
+    _ADAPTER_WRITER[:] = [writer]
+
+
+def enable_save_pretrained(model: nn.Module, layer_class: type) -> bool:
+    """Give ``model`` (a transformers ``PreTrainedModel``) the adapter-aware ``save_pretrained``
+    for its ``layer_class`` layers; False for other models (left as they are)."""
+    _LAYER_CLASS[:] = [layer_class]
     cls = type(model)
     if cls.__name__.endswith(_SUFFIX) or not callable(getattr(cls, "save_pretrained", None)) \
             or not hasattr(model, "config"):
@@ -77,12 +90,9 @@ def _save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
     """Write the base model under its usual names and the adapter beside it as
     ``tiny_lora_v.pt`` (see :mod:`tinylora_kernels.saving`); a fully merged model is written with
     its merged weights and no adapter file."""
-    from .checkpoint import save_tiny_lora
-    from .layers import TinyLoRALinear
-
     base_cls = type(self)._tinylora_base_class
     swaps = [(parent, name, child) for parent in self.modules()
-             for name, child in parent.named_children() if isinstance(child, TinyLoRALinear)]
+             for name, child in parent.named_children() if isinstance(child, _LAYER_CLASS[0])]
     if not swaps:
         return base_cls.save_pretrained(self, save_directory, *args, state_dict=state_dict,
                                         **kwargs)
@@ -102,8 +112,8 @@ def _save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         os.close(fd)
     try:
         if tmp is not None:
-            save_tiny_lora(self, tmp, seed=seed,
-                           model_id=str(getattr(self.config, "_name_or_path", "") or ""))
+            _ADAPTER_WRITER[0](self, tmp, seed=seed,
+                               model_id=str(getattr(self.config, "_name_or_path", "") or ""))
         if state_dict is not None:
             state_dict = base_state_dict(state_dict, swaps, self)
         with _as_base_model(self, swaps, base_cls):

@@ -78,7 +78,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=".",
                    help="directory for the result files (default: the current one); existing "
                    "files are never overwritten")
-    p.add_argument("--name", default=None,
+    p.add_argument("--name", default=None, type=argtypes.file_stem,
                    help="file name stem (default: bench-<device>-<date>-<time> for the suite, "
                    "<mode>-<device>-<date>-<time> for another mode)")
     p.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"),
@@ -164,8 +164,18 @@ def _refusal(mode: str, device: str):
 def run_bench(args) -> int:
     """Run the mode ``args`` selects, write its result; returns the exit code."""
     if args.compare:
-        a, b = (json.loads(Path(p).read_text()) for p in args.compare)
-        print(report.compare(a, b), end="")
+        a, b = (report.upgrade(json.loads(Path(p).read_text())) for p in args.compare)
+        if a.get("mode") != b.get("mode"):
+            print(f"error: --compare needs two results of the same mode; {args.compare[0]} is "
+                  f"{a.get('mode')!r}, {args.compare[1]} is {b.get('mode')!r}", file=sys.stderr)
+            return 2
+        table = report.compare(a, b)
+        if table.count("\n") <= 2:
+            print(f"error: --compare: no case measured in both {args.compare[0]} and "
+                  f"{args.compare[1]} (same mode {a.get('mode')!r}, other cases or "
+                  "contenders)", file=sys.stderr)
+            return 1
+        print(table, end="")
         return 0
     chosen = [m for m in OTHER_MODES if getattr(args, m)]
     if len(chosen) > 1:
