@@ -21,9 +21,10 @@ SVD and the checkpoints read it); layers beyond the budget decode per call, as b
 A kept copy can never go stale: it is tied to the CONTENT of the storage it was decoded from, not
 to pointers, version counters or object identities (which ``weight.data.copy_(...)`` or an
 in-place edit of ``quant_state.absmax`` leave unchanged). Every call recomputes a fingerprint of
-the packed bytes and of every quant-state tensor (:func:`storage_fingerprint`: 64-bit word sums
-along both axes of each 512-byte block grid, ~8 % of one fp32 M = 1 product's time) and decodes
-again when it differs.
+the packed bytes and of every quant-state tensor (:func:`storage_fingerprint`: small tensors
+byte for byte, larger ones by 64-bit word sums along both axes of a 512-byte grid, ~8 % of one
+fp32 M = 1 product's time; computed through numpy, no torch operation) and decodes again when it
+differs.
 
 ``import bitsandbytes`` happens only inside the functions that need it.
 """
@@ -36,6 +37,7 @@ import os
 import weakref
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -180,30 +182,36 @@ def decoded_budget_bytes() -> int:
     return _parse_budget(os.environ.get(_BUDGET_VARIABLE, "1024"))
 
 
-#: bytes of one fingerprint block: 64 words of 64 bits
-_BLOCK_WORDS = 64
+#: tensors up to this many bytes are compared whole (their bytes kept); larger ones by sums
+_WHOLE_BYTES = 1 << 16
+#: 64-bit words per row of the grid a larger tensor's bytes are summed over
+_GRID_WORDS = 64
 
 
 def _tensor_fingerprint(t: torch.Tensor) -> tuple:
-    """What identifies ``t``'s content: small tensors are copied whole; larger ones give, over
-    their bytes as a grid of 64-bit words (64 per row), the wrapping sum of every row and of
-    every column (one changed word always changes it; exchanged rows or words do unless their
-    sums are equal), plus the bytes past the grid."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() == 0:
-        return (t.dtype, tuple(t.shape))
-    raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-    whole = raw.numel() // (8 * _BLOCK_WORDS) * (8 * _BLOCK_WORDS)
-    if whole == 0 or raw.storage_offset() % 8:
-        return (t.dtype, tuple(t.shape), raw.clone())
-    grid = raw[:whole].view(torch.int64).view(-1, _BLOCK_WORDS)
-    return (t.dtype, tuple(t.shape), grid.sum(1), grid.sum(0), raw[whole:].clone())
+    """What identifies a CPU tensor's content, computed through numpy (no torch dispatch: a
+    decode-step call cannot spare dozens of operations). Up to 64 KiB: its bytes. Larger: over
+    its bytes as a grid of 64-bit words (64 per row), the wrapping sum of every row and of every
+    column (one changed word always changes it; exchanged rows or words do unless their sums are
+    equal), plus the bytes past the grid."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype == torch.bfloat16 or not t.is_contiguous():
+        t = t.contiguous().view(torch.uint8)
+    raw = t.numpy().reshape(-1).view(np.uint8)
+    if raw.nbytes <= _WHOLE_BYTES:
+        return (t.dtype, tuple(t.shape), raw.tobytes())
+    whole = raw.nbytes // (8 * _GRID_WORDS) * (8 * _GRID_WORDS)
+    grid = raw[:whole].view(np.int64).reshape(-1, _GRID_WORDS)
+    return (t.dtype, tuple(t.shape), grid.sum(1).tobytes(), grid.sum(0).tobytes(),
+            raw[whole:].tobytes())
 
 
 def storage_fingerprint(layer) -> tuple:
-    """A fingerprint of everything a ``Linear4bit``'s decode reads: the packed bytes and the
-    quant state (tensors by content, scalars by value). Equal fingerprints mean the same decoded
-    weight (up to changes that leave every row and column sum of a 512-byte block grid equal)."""
+    """A fingerprint of everything a CPU ``Linear4bit``'s decode reads: the packed bytes and the
+    quant state (tensors by content, scalars by value), comparable with ``==``. Equal
+    fingerprints mean the same decoded weight (for packed storage over 64 KiB: up to changes that
+    leave every row and column sum of its 512-byte grid equal)."""
     qs = layer.weight.quant_state
     parts = [tuple(qs.shape), int(qs.blocksize), qs.dtype, bool(qs.nested),
              _tensor_fingerprint(layer.weight.data)]
@@ -215,16 +223,6 @@ def storage_fingerprint(layer) -> tuple:
     for t in tensors:
         parts.append(_tensor_fingerprint(t) if isinstance(t, torch.Tensor) else t)
     return tuple(parts)
-
-
-def _same(a, b) -> bool:
-    """Fingerprints equal (tensors by content)."""
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and a.shape == b.shape and torch.equal(a, b))
-    return a == b
 
 
 def _kept_bytes() -> int:
@@ -248,13 +246,12 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     key = (dtype, storage_fingerprint(layer))
     kept = _DECODED.get(layer)
     if kept is not None:
-        if _same(kept[0], key):
+        if kept[0] == key:
             return kept[1]
         del _DECODED[layer]
     # a layer found not to fit is not re-checked until the budget or the kept set changes
     not_kept = _NOT_KEPT.get(layer)
-    if not_kept is not None and not_kept[1:] == (budget, len(_DECODED)) \
-            and _same(not_kept[0], key):
+    if not_kept is not None and not_kept == (key, budget, len(_DECODED)):
         return None
     size = layer.out_features * layer.in_features * dtype.itemsize
     if _kept_bytes() + size > budget:
