@@ -197,9 +197,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for line in paths_not_run(device):
         print(line)
     failed = [r for r in results if r["status"] == "FAIL"]
-    ok = sum(r["status"] == "ok" for r in results)
-    print(f"{ok} ok, {len(results) - ok - len(failed)} not run, {len(failed)} failed "
-          f"({time.perf_counter() - start:.1f} s)")
+    skipped = len(paths_not_run(device))
+    print(f"{len(results) - len(failed)} ok, {len(failed)} failed"
+          + (f", {skipped} path(s) not run here (said above)" if skipped else "")
+          + f" ({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
 
 
