@@ -152,8 +152,7 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
 
     # bitsandbytes >= 0.50 takes the packed weight as stored (its own layer passes it so);
     # earlier versions expect it transposed
-    return bnb.matmul_4bit(xc, weight if _takes_weight_as_stored() else weight.t(), bias=bias,
-                           quant_state=qs)
+    return bnb.matmul_4bit(xc, weight if _AS_STORED else weight.t(), bias=bias, quant_state=qs)
 
 
 #: layer -> (storage fingerprint, decoded weight): the kept CPU copies (see the module docstring)
@@ -264,15 +263,20 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     return decoded
 
 
-@lru_cache(maxsize=None)
 def _takes_weight_as_stored() -> bool:
-    import bitsandbytes as bnb
+    """Whether this bitsandbytes' ``matmul_4bit`` takes the packed weight as stored (>= 0.50;
+    earlier versions expect it transposed). Read from the installed package's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        major, minor = (int(p) for p in bnb.__version__.split(".")[:2])
-    except ValueError:
-        return False
+        major, minor = (int(p) for p in version("bitsandbytes").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return True
     return (major, minor) >= (0, 50)
+
+
+#: (a constant when this module is imported, so compiled code reads it without a guard)
+_AS_STORED = _takes_weight_as_stored()
 
 
 _QUANTIZER_CLASSES: dict = {}
@@ -286,6 +290,10 @@ def _with_adapter(cls):
     if sub is None:
         sub = type(f"{cls.__name__}WithTinyLoRA", (cls,), {
             "is_qat_trainable": property(lambda self: True),
+            # generate compiles its decode step (static cache) when every 4-bit layer computes
+            # inside a TinyLoRA layer, whose base product compiles (declare_adapter checks it)
+            "is_compileable": property(
+                lambda self: self.__dict__.get("_tinylora_compileable", False)),
             "__doc__": f"{cls.__name__} of a model that carries a trainable TinyLoRA adapter.",
             "__module__": __name__,
         })
@@ -300,11 +308,21 @@ def declare_adapter(model) -> bool:
     Its ``Trainer`` refuses "purely quantized" models: those that are neither PEFT models nor
     marked by transformers' own adapter integration nor quantized QAT-trainably. The users'
     program set a private flag of that integration, which also changes how ``save_pretrained``
-    works; here the model's quantizer gets a subclass that reports the model trainable, and nothing
-    else. Returns True when the quantizer was changed (models without one are left alone).
+    works; here the model's quantizer gets a subclass that reports the model trainable, and
+    compileable when every 4-bit layer of the model is the base of a TinyLoRA layer (``generate``
+    with a static cache then compiles its decode step, as it does for unquantized models; a bare
+    ``Linear4bit`` would not compile). Returns True when the quantizer was changed (models
+    without one are left alone).
     """
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or getattr(quantizer, "is_qat_trainable", True):
+    if quantizer is None:
         return False
-    quantizer.__class__ = _with_adapter(type(quantizer))
+    if type(quantizer) not in _QUANTIZER_CLASSES.values():
+        if getattr(quantizer, "is_qat_trainable", True):
+            return False
+        quantizer.__class__ = _with_adapter(type(quantizer))
+    wrapped = {id(m.base_layer) for m in model.modules()
+               if hasattr(m, "global_params_ref") and isinstance(m.base_layer, torch.nn.Module)}
+    quantizer._tinylora_compileable = all(id(m) in wrapped for m in model.modules()
+                                          if is_linear4bit(m))
     return True
