@@ -187,41 +187,55 @@ _WHOLE_BYTES = 1 << 16
 _GRID_WORDS = 64
 
 
-def _tensor_fingerprint(t: torch.Tensor) -> tuple:
-    """What identifies a CPU tensor's content, computed through numpy (no torch dispatch: a
-    decode-step call cannot spare dozens of operations). Up to 64 KiB: its bytes. Larger: over
-    its bytes as a grid of 64-bit words (64 per row), the wrapping sum of every row and of every
-    column (one changed word always changes it; exchanged rows or words do unless their sums are
-    equal), plus the bytes past the grid."""
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes as a flat numpy array sharing its memory (a copy only when it is
+    not contiguous)."""
     if t.requires_grad:
         t = t.detach()
     if t.dtype == torch.bfloat16 or not t.is_contiguous():
         t = t.contiguous().view(torch.uint8)
-    raw = t.numpy().reshape(-1).view(np.uint8)
+    return t.numpy().reshape(-1).view(np.uint8)
+
+
+def _content(raw: np.ndarray):
+    """What identifies an array's bytes: up to 64 KiB the bytes themselves; larger, over the
+    bytes as a grid of 64-bit words (64 per row), the wrapping sum of every row and of every
+    column (one changed word always changes it; exchanged rows or words do unless their sums
+    are equal), plus the bytes past the grid."""
     if raw.nbytes <= _WHOLE_BYTES:
-        return (t.dtype, tuple(t.shape), raw.tobytes())
+        return raw.tobytes()
     whole = raw.nbytes // (8 * _GRID_WORDS) * (8 * _GRID_WORDS)
     grid = raw[:whole].view(np.int64).reshape(-1, _GRID_WORDS)
-    return (t.dtype, tuple(t.shape), grid.sum(1).tobytes(), grid.sum(0).tobytes(),
-            raw[whole:].tobytes())
+    return (grid.sum(1).tobytes(), grid.sum(0).tobytes(), raw[whole:].tobytes())
+
+
+#: layer -> (which tensors, their byte views): the numpy views of what a decode reads, kept while
+#: the layer holds the same tensors (the views share their memory: writes show through them)
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _decode_inputs(layer) -> list:
+    """Byte views of the packed weight and every quant-state tensor, and the quant state's
+    scalars, of a CPU ``Linear4bit``."""
+    qs = layer.weight.quant_state
+    items = [layer.weight, qs.absmax, qs.code, tuple(qs.shape), int(qs.blocksize), qs.dtype]
+    if qs.nested:
+        items += [qs.state2.absmax, qs.state2.code, qs.offset, int(qs.state2.blocksize)]
+    which = tuple((id(t), t.data_ptr()) if isinstance(t, torch.Tensor) else t for t in items)
+    kept = _VIEWS.get(layer)
+    if kept is None or kept[0] != which:
+        views = [_byte_view(t) if isinstance(t, torch.Tensor) else t for t in items]
+        kept = _VIEWS[layer] = (which, views)
+    return kept[1]
 
 
 def storage_fingerprint(layer) -> tuple:
     """A fingerprint of everything a CPU ``Linear4bit``'s decode reads: the packed bytes and the
-    quant state (tensors by content, scalars by value), comparable with ``==``. Equal
-    fingerprints mean the same decoded weight (for packed storage over 64 KiB: up to changes that
-    leave every row and column sum of its 512-byte grid equal)."""
-    qs = layer.weight.quant_state
-    parts = [tuple(qs.shape), int(qs.blocksize), qs.dtype, bool(qs.nested),
-             _tensor_fingerprint(layer.weight.data)]
-    tensors = [qs.absmax, qs.code]
-    if qs.nested:
-        s2 = qs.state2
-        parts.append(int(s2.blocksize))
-        tensors += [s2.absmax, s2.code, qs.offset]
-    for t in tensors:
-        parts.append(_tensor_fingerprint(t) if isinstance(t, torch.Tensor) else t)
-    return tuple(parts)
+    quant state (tensors by content, computed through numpy with no torch operation; scalars by
+    value), comparable with ``==``. Equal fingerprints mean the same decoded weight (for tensors
+    over 64 KiB: up to changes that leave every row and column sum of its 512-byte grid
+    equal)."""
+    return tuple(_content(v) if isinstance(v, np.ndarray) else v for v in _decode_inputs(layer))
 
 
 def _kept_bytes() -> int:
@@ -234,12 +248,18 @@ def _fit_budget(budget: int) -> None:
         del _DECODED[next(iter(_DECODED.keys()))]
 
 
+#: the budget the kept copies were last fitted to
+_FITTED: list = [None]
+
+
 def cpu_decoded_weight(layer, dtype: torch.dtype):
     """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while the storage's
     content is unchanged (checked at every call); None when it would not fit in the budget (or
     the budget is 0). A lowered budget frees kept copies, oldest first."""
     budget = decoded_budget_bytes()
-    _fit_budget(budget)
+    if budget != _FITTED[0]:
+        _fit_budget(budget)
+        _FITTED[0] = budget
     if budget <= 0:
         return None
     key = (dtype, storage_fingerprint(layer))
