@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The whole GPU job in one call: environment, the CUDA test tier, then the benchmark harness
-# (`python3 -m tinylora_kernels bench`, nothing else): the suite forward / backward / fwd+bwd
-# (with its consistency check), the NF4 GEMV launch shapes, the per-call host cost, the
-# 4-decoder-layer training step and the prefill forward part by part.
+# The whole GPU job in one call (about 8 minutes by default): environment, the CUDA test tier,
+# then the benchmark harness (`python3 -m tinylora_kernels bench`, nothing else): one
+# Qwen2.5-Coder-3B decoder layer at M = 1, 16, 4096, eager and (M <= 16) replayed from a CUDA
+# graph, forward and fwd+bwd (with its consistency check); the per-call host cost; eager and
+# static-cache (compiled) generate on two 3B-shaped 4-bit decoder layers.
 # Raw results (one JSON format) go to $OUT (default benchmarks/results); a short table last.
 # On the project's GPU machines bitsandbytes comes staged in .device-site (see README).
 #
 #   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: what the interpreter cannot
 #                                         check: bf16, compiled paths, bitsandbytes' CUDA decode)
-#   GPU_BENCH_S=170                       time budget of the suite (0: skip it)
-#   GPU_GEMV=0                            skip the NF4 GEMV launch-shape sweep (M = 1, 4)
+#   GPU_BENCH_S=120                       time budget of the suite (0: skip it)
 #   GPU_HOST=0                            skip the per-call host cost (reference and kernels)
-#   GPU_TRAIN=0                           skip the 4-decoder-layer training step
-#   GPU_PARTS=0                           skip the prefill forward's part-by-part timing
+#   GPU_GENERATE=0                        skip generate on 3B-shaped layers
+#   GPU_GEMV=1                            also the NF4 GEMV launch-shape sweep (M = 1, 4)
+#   GPU_TRAIN=1                           also the 4-decoder-layer training step
+#   GPU_PARTS=1                           also the prefill forward's part-by-part timing
 #   GPU_JSON_ONLY=1                       leave only JSON and the test log in $OUT (the tables
 #                                         and plots are regenerated from the JSON afterwards)
 set -uo pipefail
@@ -43,14 +45,15 @@ if [ "$sel" != none ]; then
     echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 12
 fi
 
-BENCH_S=${GPU_BENCH_S:-170}
+BENCH_S=${GPU_BENCH_S:-120}
 if [ "$BENCH_S" != 0 ]; then
-    stamp "suite: forward, backward, fwd+bwd"
-    timeout $(( BENCH_S + 60 )) "${BENCH[@]}" --m 1,16,4096 --modes fwd,bwd,fwd+bwd \
+    stamp "suite: one decoder layer, forward, backward, fwd+bwd"
+    timeout $(( BENCH_S + 60 )) "${BENCH[@]}" --layers decoder_layer --m 1,16,4096 \
+        --modes fwd,bwd,fwd+bwd --providers fused,fused_no_adapter,bnb_base,reference,peft_style \
         --budget-s "$BENCH_S" --name bench-gpu > /tmp/bench-gpu.log 2>&1
     tail -n 1 /tmp/bench-gpu.log
 fi
-if [ "${GPU_GEMV:-1}" != 0 ]; then
+if [ "${GPU_GEMV:-0}" != 0 ]; then
     stamp "NF4 GEMV launch shapes"
     timeout 150 "${BENCH[@]}" --gemv-sweep --name gemv-sweep 2>&1 | grep -v Warning | tail -n 16
 fi
@@ -58,12 +61,17 @@ if [ "${GPU_HOST:-1}" != 0 ]; then
     stamp "host cost per layer call"
     timeout 90 "${BENCH[@]}" --host-cost --name host-cost-gpu 2>&1 | grep -- "^- " | tail -n 6
 fi
-if [ "${GPU_TRAIN:-1}" != 0 ]; then
+if [ "${GPU_GENERATE:-1}" != 0 ]; then
+    stamp "generate, two 3B-shaped decoder layers"
+    timeout 150 "${BENCH[@]}" --generate --models qwen2.5-coder-3b --decoder-layers 2 \
+        --name generate-gpu 2>&1 | grep -- "^- " | tail -n 4
+fi
+if [ "${GPU_TRAIN:-0}" != 0 ]; then
     stamp "training step, 4 decoder layers"
     timeout 100 "${BENCH[@]}" --layers stack4 --m 4096 --modes fwd+bwd --budget-s 60 \
         --name bench-gpu-train > /tmp/bench-gpu-train.log 2>&1; tail -n 1 /tmp/bench-gpu-train.log
 fi
-if [ "${GPU_PARTS:-1}" != 0 ]; then
+if [ "${GPU_PARTS:-0}" != 0 ]; then
     stamp "prefill forward, part by part"
     timeout 90 "${BENCH[@]}" --parts --budget-s 40 --name parts-gpu 2>&1 | tail -n 1
 fi

@@ -248,3 +248,50 @@ def test_merged_state_dict_loaded_into_a_fresh_model_stays_merged():
     assert fresh[0].merged
     assert unmerge_tiny_lora(fresh) == 1
     assert torch.allclose(fresh[0].base_layer.weight, original, atol=1e-6)
+
+
+# -- CPUs with AVX512-BF16: bitsandbytes' packed kernel as the base product where faster --------------
+def _needs_avx512bf16():
+    if not glue._cpu_has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16 (bitsandbytes' packed CPU kernel)")
+
+
+@needs_bnb
+def test_packed_base_product_is_equivalent_and_follows_the_weight(monkeypatch, rng):
+    _needs_avx512bf16()
+    base = make_linear4bit(256, 512, compute_dtype=torch.bfloat16, seed=3)[0]
+    base.train()
+    layer = _adapted(base)
+    monkeypatch.setitem(glue.BASE_PRODUCT_CHOICE, (256, 512), "packed")
+    for m in (1, 5):
+        x = torch.randn(m, 512, generator=rng).to(torch.bfloat16)
+        _check(layer, x)
+    assert glue._PACKED.get(base) is not None
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)  # untouched
+    x = torch.randn(3, 512, generator=rng).to(torch.bfloat16)
+    with torch.no_grad():
+        rows = torch.cat([layer(x[i:i + 1]) for i in range(3)])
+        assert torch.equal(layer(x), rows)      # each row the same bits as alone
+        before = layer(x)
+    _copy_bytes(layer, make_linear4bit(256, 512, compute_dtype=torch.bfloat16, seed=4)[0])
+    _check(layer, x)
+    with torch.no_grad():
+        assert not torch.equal(layer(x), before)
+
+
+@needs_bnb
+def test_the_base_product_is_chosen_by_measuring_once(monkeypatch):
+    _needs_avx512bf16()
+    base = make_linear4bit(256, 512, compute_dtype=torch.bfloat16, seed=5)[0]
+    base.train()
+    layer = _adapted(base)
+    monkeypatch.setattr(glue, "BASE_PRODUCT_CHOICE", {})
+    calls = []
+    real = glue._measure_choice
+    monkeypatch.setattr(glue, "_measure_choice", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    assert calls == [1] and glue.BASE_PRODUCT_CHOICE[(256, 512)] in ("packed", "decoded")
+    _check(layer, x)

@@ -143,6 +143,10 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
         out = xc.new_zeros((*xc.shape[:-1], layer.out_features))
         return out if bias is None else out + bias
     if xc.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not (torch.is_grad_enabled() and xc.requires_grad):
+            packed = cpu_packed_weight(layer, compute_dtype)
+            if packed is not None:
+                return _packed_product(xc, packed, bias)
         decoded = cpu_decoded_weight(layer, compute_dtype)
         if decoded is not None:
             return F.linear(xc, decoded, bias)
@@ -238,14 +242,21 @@ def storage_fingerprint(layer) -> tuple:
     return tuple(_content(v) if isinstance(v, np.ndarray) else v for v in _decode_inputs(layer))
 
 
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return _nbytes(value[0]) + value[1].absmax.numel() * value[1].absmax.element_size()
+
+
 def _kept_bytes() -> int:
-    return sum(t.numel() * t.element_size() for _, t in _DECODED.values())
+    return sum(_nbytes(v) for store in (_DECODED, _PACKED) for _, v in store.values())
 
 
 def _fit_budget(budget: int) -> None:
     """Drop kept copies, oldest first, until they fit in ``budget`` bytes."""
-    while _DECODED and _kept_bytes() > budget:
-        del _DECODED[next(iter(_DECODED.keys()))]
+    for store in (_PACKED, _DECODED):
+        while store and _kept_bytes() > budget:
+            del store[next(iter(store.keys()))]
 
 
 #: the budget the kept copies were last fitted to
@@ -273,7 +284,7 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     if not_kept is not None and not_kept == (key, budget, len(_DECODED)):
         return None
     size = layer.out_features * layer.in_features * dtype.itemsize
-    if _kept_bytes() + size > budget:
+    if _kept_bytes() + size > budget or size > budget:
         _NOT_KEPT[layer] = (key, budget, len(_DECODED))
         return None
     _NOT_KEPT.pop(layer, None)
@@ -281,6 +292,106 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
         decoded = dequantize_nf4(nf4_of(layer), dtype)
     _DECODED[layer] = (key, decoded)
     return decoded
+
+
+# -- CPUs with AVX512-BF16: bitsandbytes' own packed kernel, where it is faster ------------------
+#: layer -> (storage fingerprint, (packed weight, its quant state)): kept packed copies
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: (N, K) -> "packed" or "decoded": the CPU base product measured faster for that shape
+BASE_PRODUCT_CHOICE: dict = {}
+#: weights below which the decoded copy is used without measuring (a call's host cost dominates)
+PACKED_MIN_WEIGHTS = 1 << 16
+
+
+def _packed_applies(layer, dtype) -> bool:
+    qs = layer.weight.quant_state
+    n, k = layer.out_features, layer.in_features
+    return (dtype == torch.bfloat16 and n * k >= PACKED_MIN_WEIGHTS and n % 32 == 0
+            and k % int(qs.blocksize) == 0 and _cpu_has_avx512bf16())
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_avx512bf16() -> bool:
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: F401
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def cpu_packed_weight(layer, dtype: torch.dtype):
+    """On a CPU with AVX512-BF16, for bf16 calls of a layer of at least
+    :data:`PACKED_MIN_WEIGHTS` weights: (packed weight, quant state) in bitsandbytes' CPU layout
+    — the layout its own eval-mode layer repacks into, made here from a copy, the layer's NF4
+    storage untouched — when that kernel was measured faster than the decoded copy for this
+    shape (:data:`BASE_PRODUCT_CHOICE`, measured once per shape and process); else None. Like
+    bitsandbytes' own layer there, it computes with the block scales rounded to bf16. Kept within
+    the same budget as the decoded copies, tied to the storage's content the same way."""
+    if not _packed_applies(layer, dtype):
+        return None
+    shape = (layer.out_features, layer.in_features)
+    if BASE_PRODUCT_CHOICE.get(shape) == "decoded":
+        return None
+    budget = decoded_budget_bytes()
+    if budget != _FITTED[0]:
+        _fit_budget(budget)
+        _FITTED[0] = budget
+    key = storage_fingerprint(layer)
+    kept = _PACKED.get(layer)
+    if kept is None or kept[0] != key:
+        _PACKED.pop(layer, None)
+        if _kept_bytes() + shape[0] * shape[1] // 2 > budget:
+            return None
+        kept = _PACKED[layer] = (key, _pack(layer))
+    if shape not in BASE_PRODUCT_CHOICE:
+        BASE_PRODUCT_CHOICE[shape] = _measure_choice(layer, kept[1], dtype)
+        if BASE_PRODUCT_CHOICE[shape] == "decoded":
+            del _PACKED[layer]
+            return None
+        _DECODED.pop(layer, None)       # made for the measurement; a grad call makes it again
+    return kept[1]
+
+
+def _pack(layer):
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    with torch.inference_mode(False), torch.no_grad():
+        packed, qs = _convert_weight_packed_for_cpu(
+            layer.weight.data.view(torch.uint8).clone(), copy.deepcopy(layer.weight.quant_state))
+    return packed, qs
+
+
+def _packed_product(x, packed, bias):
+    from bitsandbytes.functional import gemv_4bit
+
+    out = gemv_4bit(x, packed[0], state=packed[1])
+    return out if bias is None else out + bias
+
+
+def _measure_choice(layer, packed, dtype) -> str:
+    """Time one M = 1 product each way (best of 5, after one untimed call) and name the faster;
+    the decoded copy wins ties."""
+    import time
+
+    decoded = cpu_decoded_weight(layer, dtype)
+    if decoded is None:
+        return "packed"                 # the alternative would decode at every call
+    x = torch.zeros(1, layer.in_features, dtype=dtype)
+    runs = {"decoded": lambda: F.linear(x, decoded), "packed": lambda: _packed_product(x, packed,
+                                                                                      None)}
+    best = {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            fn()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            best[name] = min(times)
+    return "packed" if best["packed"] < 0.9 * best["decoded"] else "decoded"
 
 
 def _takes_weight_as_stored() -> bool:

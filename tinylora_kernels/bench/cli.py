@@ -27,7 +27,8 @@ OTHER_MODES = {
     "gemv_sweep": "every NF4 GEMV launch shape on --models' linears at M = 1 and 4 (needs a "
                   "GPU)",
     "generate": "tokens per second of eager generate on an 8-layer 4-bit tiny Qwen2, with and "
-                "without the adapter",
+                "without the adapter (with --models: --decoder-layers layers of that model's "
+                "shapes)",
     "adapters": "a different v in every row of a batch against one shared v (a layer at M = 64, "
                 "and generate)",
     "compiled": "no timing: compile what a Qwen2.5-Coder-3B decoder layer launches for Hopper "
@@ -74,7 +75,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    "are marked 'time budget spent' and what was measured is written (default: "
                    "600)")
     p.add_argument("--decoder-layers", type=argtypes.positive_int, default=1,
-                   help="decoder layers built for --setup (default: 1)")
+                   help="decoder layers built for --setup and --generate --models (default: 1)")
     p.add_argument("--out", default=".",
                    help="directory for the result files (default: the current one); existing "
                    "files are never overwritten")
@@ -132,7 +133,9 @@ def _gemv_sweep(args, device, say):
 def _generate(args, device, say):
     from .generate import generate_cost
 
-    return generate_cost(device=device, progress=say)
+    model = (args.models or [None])[0]
+    return generate_cost(device=device, progress=say, model=None if model == "cpu-reduced"
+                         else model, layers=args.decoder_layers if model else 8)
 
 
 def _adapters(args, device, say):
