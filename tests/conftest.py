@@ -89,3 +89,15 @@ def rng():
     import os
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test compiles against fresh dynamo caches: graphs compiled by earlier tests (other
+    models, other layers) would otherwise count toward dynamo's recompile limit for the same
+    forward code and fail a later fullgraph compile."""
+    yield
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
