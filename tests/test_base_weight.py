@@ -33,7 +33,7 @@ def _check(layer, x):
 
 
 def _nf4_layer(seed, k=128):
-    base = make_linear4bit(48, k, compute_dtype=torch.float32, seed=seed)[0]
+    base = make_linear4bit(48 if k <= 128 else 256, k, compute_dtype=torch.float32, seed=seed)[0]
     base.train()        # bitsandbytes' own eval-mode CPU forward would repack it
     return base
 
@@ -95,11 +95,13 @@ ROUTES = {"data.copy_ bytes": _copy_bytes, "absmax in place": _scale_absmax,
 
 
 @needs_bnb
+@pytest.mark.parametrize("k", [128, 640], ids=["small", "over-64KiB"])
 @pytest.mark.parametrize("route", ROUTES)
-def test_cpu_decoded_copy_follows_every_change_of_the_nf4_weight(route, rng):
-    layer = _adapted(_nf4_layer(0))
-    other = _nf4_layer(1)
-    x = torch.randn(3, 128, generator=rng)
+def test_cpu_decoded_copy_follows_every_change_of_the_nf4_weight(route, k, rng):
+    # small packed storage is compared byte for byte, larger by block sums: both routes
+    layer = _adapted(_nf4_layer(0, k))
+    other = _nf4_layer(1, k)
+    x = torch.randn(3, k, generator=rng)
     _check(layer, x)                                  # the decoded copy is kept now
     assert glue._DECODED.get(layer.base_layer) is not None
     before = layer(x).detach()

@@ -170,6 +170,7 @@ def environment(device: str) -> dict:
             env[name] = __import__(name).__version__
         except Exception:
             env[name] = None
+    env.update(_cpu_model())
     if device == "cuda":
         import subprocess
 
@@ -182,3 +183,16 @@ def environment(device: str) -> dict:
             env["driver"] = None
         env["bnb_dispatch"] = "gemm_4bit: fused kernel for small M, dequantize + cuBLAS above"
     return env
+
+
+def _cpu_model() -> dict:
+    """The CPU's model name and whether it has AVX512-BF16 (bitsandbytes' packed CPU kernel,
+    which this package's CPU base product may use), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), None)
+    return {"cpu_model": model, "cpu_avx512_bf16": "avx512_bf16" in text}
