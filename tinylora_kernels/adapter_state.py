@@ -44,19 +44,24 @@ __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "
            "assigned_rows", "assignment", "expand_rows", "hooked_models"]
 
 
-class _Calls(threading.local):
+class _FreshOnCopy:
+    """Per-process bookkeeping kept on a TinyLoRAGlobalParams: a copy (deepcopy, pickle) starts
+    empty, as a new one would."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+class _Calls(_FreshOnCopy, threading.local):
     """The open model calls of one TinyLoRAGlobalParams, per thread (never copied or pickled:
     a copy of a model starts with none open)."""
 
     def __init__(self):
         self.depth = 0
         self.call: Optional[AdapterCall] = None
-
-    def __deepcopy__(self, memo):
-        return _Calls()
-
-    def __reduce__(self):
-        return (_Calls, ())
 
 
 class AdapterCall:
@@ -214,18 +219,12 @@ def install_call_hooks(model, gp) -> None:
     model.register_forward_hook(exit_call, always_call=True)
 
 
-class _Hooked:
+class _Hooked(_FreshOnCopy):
     """The models whose calls open ``gp``'s adapter state (weakly held; a copy of ``gp``
     starts with none: a copied model's hooks are its own)."""
 
     def __init__(self):
         self.models = weakref.WeakSet()
-
-    def __deepcopy__(self, memo):
-        return _Hooked()
-
-    def __reduce__(self):
-        return (_Hooked, ())
 
 
 def hooked_models(gp) -> list:
@@ -321,7 +320,7 @@ def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Ten
         return folded_operand(c.at, r_from(v, c.pt, layer.projection, c.pt64).t()), c.bt
 
 
-class _Roster:
+class _Roster(_FreshOnCopy):
     """The adapted layers of one TinyLoRAGlobalParams seen in model calls, with their constants
     stacked by (device, rank, K): what one product per group needs. Kept across calls (frozen
     buffers only); rebuilt when a layer joins or a member's constants were rebuilt."""
@@ -336,12 +335,6 @@ class _Roster:
             self.known.add(id(layer))
             self.layers.append(weakref.ref(layer))
             self.groups = None
-
-    def __deepcopy__(self, memo):
-        return _Roster()
-
-    def __reduce__(self):
-        return (_Roster, ())
 
 
 def _roster(gp) -> _Roster:
