@@ -17,8 +17,11 @@ copy of the weight in the compute dtype, kept per layer while a process-wide bud
 at every call: lowering it frees kept copies): the same bits as bitsandbytes' decode-then-
 ``linear``, without decoding again at every call. The NF4 storage stays as it is (the kernels, the
 SVD and the checkpoints read it); layers beyond the budget decode per call, as bitsandbytes does.
+On a CPU with AVX512-BF16, a bf16 call without grad may instead run bitsandbytes' own packed
+kernel on a packed copy (:func:`cpu_packed_weight`), for the shapes where one timing at first use
+found it faster than the decoded copy.
 
-A kept copy can never go stale: it is tied to the CONTENT of the storage it was decoded from, not
+A kept copy can never go stale: it is tied to the CONTENT of the storage it was made from, not
 to pointers, version counters or object identities (which ``weight.data.copy_(...)`` or an
 in-place edit of ``quant_state.absmax`` leave unchanged). Every call recomputes a fingerprint of
 the packed bytes and of every quant-state tensor (:func:`storage_fingerprint`: small tensors
