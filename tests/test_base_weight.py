@@ -172,7 +172,7 @@ def test_lowering_the_budget_frees_kept_copies(monkeypatch):
     assert glue._kept_bytes() == 0
 
 
-# -- a merged dense layer whose base weight is reloaded ---------------------------------------------
+# -- a merged dense layer whose base weight is reloaded -------------------------------------------
 def _merged_dense(seed=0):
     base = make_linear(40, 56, seed=seed)
     original = base.weight.detach().clone()
@@ -252,7 +252,7 @@ def test_merged_state_dict_loaded_into_a_fresh_model_stays_merged():
     assert torch.allclose(fresh[0].base_layer.weight, original, atol=1e-6)
 
 
-# -- CPUs with AVX512-BF16: bitsandbytes' packed kernel as the base product where faster --------------
+# -- CPUs with AVX512-BF16: bitsandbytes' packed kernel as the base product where faster ----------
 def _needs_avx512bf16():
     if not glue._cpu_has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16 (bitsandbytes' packed CPU kernel)")

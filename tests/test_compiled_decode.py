@@ -62,7 +62,7 @@ def test_compiled_decode_honours_per_sequence_adapters():
     model = _model(True)
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
-    adapters = AdapterSet(model, {"a": torch.randn(4, generator=g), "b": torch.randn(4, generator=g)})
+    adapters = AdapterSet(model, {name: torch.randn(4, generator=g) for name in ("a", "b")})
     names = ["a", "__base__", "b"]
     with adapters.per_sequence(model, names):
         eager = model.generate(ids, **KW)

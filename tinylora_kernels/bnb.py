@@ -271,14 +271,21 @@ def _fit_budget(budget: int) -> None:
 _FITTED: list = [None]
 
 
-def cpu_decoded_weight(layer, dtype: torch.dtype):
-    """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while the storage's
-    content is unchanged (checked at every call); None when it would not fit in the budget (or
-    the budget is 0). A lowered budget frees kept copies, oldest first."""
+def _budget() -> int:
+    """The budget now, the kept copies fitted to it when it changed (a lowered budget frees
+    them, oldest first)."""
     budget = decoded_budget_bytes()
     if budget != _FITTED[0]:
         _fit_budget(budget)
         _FITTED[0] = budget
+    return budget
+
+
+def cpu_decoded_weight(layer, dtype: torch.dtype):
+    """The decoded (N, K) weight of a CPU ``Linear4bit`` in ``dtype``, kept while the storage's
+    content is unchanged (checked at every call); None when it would not fit in the budget (or
+    the budget is 0). A lowered budget frees kept copies, oldest first."""
+    budget = _budget()
     if budget <= 0:
         return None
     key = (dtype, storage_fingerprint(layer))
@@ -288,11 +295,10 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
             return kept[1]
         del _DECODED[layer]
     # a layer found not to fit is not re-checked until the budget or the kept set changes
-    not_kept = _NOT_KEPT.get(layer)
-    if not_kept is not None and not_kept == (key, budget, len(_DECODED)):
+    if _NOT_KEPT.get(layer) == (key, budget, len(_DECODED)):
         return None
     size = layer.out_features * layer.in_features * dtype.itemsize
-    if _kept_bytes() + size > budget or size > budget:
+    if _kept_bytes() + size > budget:
         _NOT_KEPT[layer] = (key, budget, len(_DECODED))
         return None
     _NOT_KEPT.pop(layer, None)
@@ -321,7 +327,8 @@ def _packed_applies(layer, dtype) -> bool:
 @lru_cache(maxsize=1)
 def _cpu_has_avx512bf16() -> bool:
     try:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: F401
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu  # noqa: F401
+        from bitsandbytes.functional import has_avx512bf16
     except ImportError:
         return False
     return bool(has_avx512bf16())
@@ -340,10 +347,7 @@ def cpu_packed_weight(layer, dtype: torch.dtype):
     shape = (layer.out_features, layer.in_features)
     if BASE_PRODUCT_CHOICE.get(shape) == "decoded":
         return None
-    budget = decoded_budget_bytes()
-    if budget != _FITTED[0]:
-        _fit_budget(budget)
-        _FITTED[0] = budget
+    budget = _budget()
     key = storage_fingerprint(layer)
     kept = _PACKED.get(layer)
     if kept is None or kept[0] != key:

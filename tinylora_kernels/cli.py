@@ -73,12 +73,11 @@ def run_check(seed: int = 0, rows: int = 64, dtypes=("fp32", "fp16", "bf16"),
         apply_tiny_lora(model, gp, projection=projection, progress=progress)
         with torch.no_grad():
             gp.global_v.copy_(torch.randn(13, generator=gen) * 0.5)
-        for name, _ in (p for p in _paths(device) if p[1] is None):
+        for name in [n for n, why in _paths(device) if why is None]:
             for dname in dtypes:
                 dtype = _DTYPES[dname]
                 row = {"model": label, "projection": projection, "path": name, "dtype": dname}
-                reason = None
-                worst, n_layers = None, 0
+                reason, worst, n_layers = None, None, 0
                 for _, layer in tiny_lora_layers(model):
                     x = torch.randn(rows, layer.base_layer.in_features, generator=gen)
                     x = x.to(device=device, dtype=dtype)
@@ -194,12 +193,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_table(results))
     for line in sorted({r["plan"] for r in results if r.get("plan")}):
         print("plan:", line)
-    for line in paths_not_run(device):
+    not_run = paths_not_run(device)
+    for line in not_run:
         print(line)
     failed = [r for r in results if r["status"] == "FAIL"]
-    skipped = len(paths_not_run(device))
     print(f"{len(results) - len(failed)} ok, {len(failed)} failed"
-          + (f", {skipped} path(s) not run here (said above)" if skipped else "")
+          + (f", {len(not_run)} path(s) not run here (said above)" if not_run else "")
           + f" ({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
 

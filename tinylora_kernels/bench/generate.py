@@ -56,7 +56,8 @@ def generate_cost(layers: int = 8, new_tokens: int = 32, prompt: int = 8, rounds
               **_sizes(model))
     bare = tiny_qwen2(True, **kw).eval()
     ours = tiny_qwen2(True, **kw).eval()
-    say(f"adapting ({'the SVDs of full-size weights take a minute per layer on a CPU' if model else 'tiny'})")
+    say("adapting" + (" (the SVDs of full-size weights take a minute per layer on a CPU)"
+                      if model else ""))
     gp = TinyLoRAGlobalParams(u_dim=16, device=device)
     torch.manual_seed(0)
     n_adapted = apply_tiny_lora(ours, gp, progress=False)
