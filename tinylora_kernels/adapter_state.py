@@ -40,8 +40,8 @@ import torch
 from .torch_path import LayerConstants, acc_dtype, folded_operand, no_autocast, r_from
 
 __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
-           "layer_R", "inference_operands", "install_call_hooks", "model_call", "row_state",
-           "assigned_rows", "assignment", "expand_rows", "hooked_models"]
+           "layer_R", "inference_operands", "install_call_hooks", "model_call",
+           "assigned_rows", "assignment", "expand_rows", "hooked_models", "half_operands"]
 
 
 class _FreshOnCopy:
@@ -320,6 +320,33 @@ def inference_operands(layer, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Ten
         return folded_operand(c.at, r_from(v, c.pt, layer.projection, c.pt64).t()), c.bt
 
 
+def half_operands(layer, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w = [Aᵀ Rᵀ | Aᵀ] (K, 2r), Bᵀ (r, N)) in the 16-bit ``dtype`` for the half form
+    (:mod:`tinylora_kernels.half_path`), R from v's values now; no autograd (that form takes
+    v's gradient itself). Within a model call, w of every layer comes from one batch."""
+    acc = torch.float32
+    with torch.no_grad():
+        call = current_call(layer.global_params_ref)
+        if call is not None:
+            got = _from_batch(layer, call, acc, dtype)
+            if got is not None:
+                return got[4], got[5]
+        c = layer_constants(layer, acc)
+        v = v_view(layer.global_params_ref, c.pt.device).to(acc)
+        with no_autocast(c.pt.device.type):
+            rat = folded_operand(c.at, r_from(v, c.pt, layer.projection, c.pt64).t())
+            return torch.cat((rat, c.at), 1).to(dtype), _half_b(layer, c, dtype)
+
+
+def _half_b(layer, c: LayerConstants, dtype: torch.dtype) -> torch.Tensor:
+    """Bᵀ in ``dtype`` (a view of B (N, r)), kept with the constants it was rounded from."""
+    kept = layer.__dict__.get("_half_b_")
+    if kept is None or kept[0] is not c or kept[1] != dtype:
+        with torch.inference_mode(False), torch.no_grad():
+            kept = layer.__dict__["_half_b_"] = (c, dtype, c.b.to(dtype).contiguous().t())
+    return kept[2]
+
+
 class _Roster(_FreshOnCopy):
     """The adapted layers of one TinyLoRAGlobalParams seen in model calls, with their constants
     stacked by (device, rank, K): what one product per group needs. Kept across calls (frozen
@@ -369,28 +396,26 @@ def _build_groups(roster: _Roster, acc: torch.dtype):
     return groups
 
 
-def _from_batch(layer, call: AdapterCall, acc: torch.dtype):
-    """(R, Aᵀ Rᵀ, Bᵀ) of ``layer`` from this call's batch (computed for all known layers at the
-    first request); None when the layer is not in it (it then joins for the next call)."""
-    batch = call.batches.get(acc)
+def _from_batch(layer, call: AdapterCall, acc: torch.dtype, half: Optional[torch.dtype] = None):
+    """(R, Aᵀ Rᵀ, Bᵀ, constants[, w, B in ``half``]) of ``layer`` from this call's batch
+    (computed for all known layers at the first request); None when the layer is not in it (it
+    then joins for the next call)."""
+    batch = call.batches.get((acc, half))
     if batch is None:
-        batch = call.batches[acc] = _compute_batch(call.gp, acc)
+        batch = call.batches[(acc, half)] = _compute_batch(call.gp, acc, half)
     got = batch.get(id(layer))
-    c = layer_constants(layer, acc)
-    if got is None or got[3] is not c:
-        roster = _roster(call.gp)
-        roster.add(layer)
-        if got is not None:
-            roster.groups = None        # its constants were rebuilt: restack next call
-        return None
+    if got is None:
+        _roster(call.gp).add(layer)
     return got
 
 
-def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
+def _compute_batch(gp, acc: torch.dtype, half: Optional[torch.dtype] = None) -> Dict[int, tuple]:
     roster = _roster(gp)
     if not roster.layers:
         return {}
-    if roster.groups is None or roster.groups[0] != acc:
+    if roster.groups is None or roster.groups[0] != acc or any(
+            layer_constants(m, acc) is not c for g in roster.groups[1] for m, c in g[2]):
+        # (a member's constants were rebuilt, a buffer written: checked once per model call)
         roster.groups = (acc, _build_groups(roster, acc))
     out: Dict[int, tuple] = {}
     for device, r, members, pt, at in roster.groups[1]:     # (this call's values only)
@@ -399,81 +424,11 @@ def _compute_batch(gp, acc: torch.dtype) -> Dict[int, tuple]:
             # every R at once, then every Aᵀ Rᵀ: the same bits as r_from / folded_operand
             R = torch.mv(pt, v.to(torch.float64)).to(acc).view(len(members), r, r)
             rat = folded_operand(at, R.transpose(1, 2))
-        for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
-            out[id(m)] = (Ri, rati, c.bt, c)
-    return out
-
-
-# -- per call, per sequence: every adapter's R ------------------------------------------------------
-def row_state(layer, acc: torch.dtype, x: torch.Tensor):
-    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence) when this
-    thread has per-sequence adapters for the layer's v, else None. Differentiable in the set's
-    v's and the model's v under autograd. Under ``torch.compile`` a guard on
-    :data:`OPEN_BLOCKS` keeps the graph free of this while no block is open."""
-    if not OPEN_BLOCKS:
-        return None
-    return _row_state(layer, acc, x)
-
-
-@torch.compiler.disable
-def _row_state(layer, acc, x):
-    gp = layer.global_params_ref
-    assigned = assignment(gp)
-    if assigned is None:
-        return None
-    adapters, codes = assigned
-    call = current_call(gp)
-    c = layer_constants(layer, acc)
-    if call is None or call.rows is None:
-        # not inside a call of a hooked model (a submodule or the layer called directly, or a
-        # compiled model): this layer's own, for the batch it is given
-        codes = expand_rows(codes, x.shape[0] if x.dim() >= 2 else 1)
-        all_v = adapters.all_v(v_view(gp, c.pt.device), c.pt.device, acc)
-        R = _rows_R(layer, c, all_v)
-        return R.transpose(1, 2)[codes.to(R.device)], codes
-    adapters, codes = call.rows
-    batch = call.row_batches.get(acc)
-    if batch is None:
-        batch = call.row_batches[acc] = _compute_row_batch(call, adapters, acc)
-    got = batch.get(id(layer))
-    if got is None or got[1] is not c:
-        _roster(call.gp).add(layer)
-        R = _rows_R(layer, c, _all_v(call, adapters, c.pt.device, acc))    # (n + 2, r, r)
-        got = (R.transpose(1, 2)[codes.to(R.device)], c)
-        batch[id(layer)] = got
-    return got[0], codes
-
-
-def _all_v(call, adapters, device, acc):
-    key = ("all_v", device, acc, torch.is_grad_enabled())
-    got = call.views.get(key)
-    if got is None:
-        got = call.views[key] = adapters.all_v(v_view(call.gp, device), device, acc)
-    return got
-
-
-def _rows_R(layer, c: LayerConstants, all_v: torch.Tensor) -> torch.Tensor:
-    r = layer.rank
-    with no_autocast(all_v.device.type):
-        R = (_full_pt(layer, c) @ all_v.t().to(torch.float64)).to(all_v.dtype)   # (r r, n + 2)
-    return R.t().reshape(all_v.shape[0], r, r)
-
-
-def _compute_row_batch(call, adapters, acc) -> Dict[int, tuple]:
-    roster = _roster(call.gp)
-    if not roster.layers:
-        return {}
-    if roster.groups is None or roster.groups[0] != acc:
-        roster.groups = (acc, _build_groups(roster, acc))
-    out: Dict[int, tuple] = {}
-    codes = call.rows[1]
-    for device, r, members, pt, _ in roster.groups[1]:
-        all_v = _all_v(call, adapters, device, acc)
-        with no_autocast(device.type):
-            R = (pt @ all_v.t().to(torch.float64)).to(acc)                  # every layer, v
-            R = R.view(len(members), r, r, all_v.shape[0])
-        # each sequence's Rᵀ, for every layer at once: (G, B, r, r)
-        Rt = R.permute(0, 3, 2, 1)[:, codes.to(device)]
-        for (m, c), Rm in zip(members, Rt.unbind(0)):
-            out[id(m)] = (Rm, c)
+        if half is None:
+            for (m, c), Ri, rati in zip(members, R.unbind(0), rat.unbind(0)):
+                out[id(m)] = (Ri, rati, c.bt, c)
+            continue
+        w = torch.cat((rat, at), 2).to(half)                 # every [Aᵀ Rᵀ | Aᵀ], (G, K, 2r)
+        for (m, c), Ri, rati, wi in zip(members, R.unbind(0), rat.unbind(0), w.unbind(0)):
+            out[id(m)] = (Ri, rati, c.bt, c, wi, _half_b(m, c, half))
     return out

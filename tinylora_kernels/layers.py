@@ -3,7 +3,7 @@
 Same constructor signatures, buffer names, RNG use, SVD path, target names and replacement order
 as the users' training program (TINYLORA_SPEC.md), so that its code and checkpoints work after
 changing one import line. What differs is how the forward is computed: factorized (never the
-N x K ΔW), with the rank-r products in fp32, and without the bitsandbytes CPU traps.
+N x K ΔW) and without the bitsandbytes CPU traps.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from . import adapter_state, backend, merge_state, router
 from .bnb import (declare_adapter, decoded_budget_bytes, is_cpu_packed, is_linear4bit,
                   linear4bit_compute_dtype, linear4bit_forward, nf4_of,
                   restore_before_wrap, restore_canonical_layout, storage_identity)
-from .factors import SVD_METHODS, FactorCache, draw_projections, top_r_svd
-from .factors import finite_weight_fp32, global_rng_is_fresh
+from .factors import (SVD_METHODS, FactorCache, draw_projections, finite_weight_fp32,
+                      global_rng_is_fresh, top_r_svd)
 from .grouping import grouped_forward, link_groups
+from .half_path import half_adapter, half_layer_adapter
 from .params import TinyLoRAGlobalParams
+from .row_state import row_state
 from .saving import enable_save_pretrained
 from .validation import as_int
 from .torch_path import (PROJECTIONS, AdapterFactors, add_adapter, add_adapter_inference,
@@ -60,8 +62,7 @@ class TinyLoRALinear(nn.Module):
         generator: a private generator for P (the ``per_layer`` RNG scheme); default: the global
             RNG on the layer's device, as the users' program does.
 
-    Buffers (bf16, on the base layer's device): ``U`` (N x r), ``S`` (r x r or r), ``Vh`` (r x K),
-    ``P``.
+    Buffers (bf16, on the base layer's device): U (N x r), S (r x r or r), Vh (r x K), P.
     """
 
     def __init__(self, original_layer: nn.Module, rank: int = 2, u: Optional[int] = None,
@@ -90,8 +91,7 @@ class TinyLoRALinear(nn.Module):
         self.register_buffer("S", S.to(device=device, dtype=BUFFER_DTYPE))
         self.register_buffer("Vh", Vh.to(device=device, dtype=BUFFER_DTYPE))
         self.register_buffer("P", draw_projections(self.u, rank, projection, device, generator))
-        # How P was drawn; checkpoints record it (see layers' use in checkpoint.py).
-        self.rng_scheme = "global" if generator is None else "per_layer"
+        self.rng_scheme = "global" if generator is None else "per_layer"   # how P was drawn
         self.p_device_type = device.type
 
     @classmethod
@@ -163,8 +163,7 @@ class TinyLoRALinear(nn.Module):
         """Take ownership of the (frozen) base layer; the arguments passed ``_check_args``."""
         self.base_layer = original_layer
         self.rank, self.u, self.projection, self.svd = rank, u, projection, svd
-        # A plain attribute, not a submodule: see the class docstring.
-        object.__setattr__(self, "global_params_ref", global_params_ref)
+        object.__setattr__(self, "global_params_ref", global_params_ref)   # not a submodule
         self.is_quantized = is_linear4bit(original_layer)
         #: bitsandbytes had rounded the NF4 block scales to bf16 (checkpoints record it)
         self.scales_rounded_bf16 = restore_before_wrap(original_layer)
@@ -215,25 +214,11 @@ class TinyLoRALinear(nn.Module):
         if self.merged:
             merge_state.check_current(self)     # a reloaded base weight is no longer merged
         plan = router.plan(self, x, compute_dtype, out_dtype)
-        rows = adapter_state.row_state(self, acc_dtype(x.dtype), x)
+        rows = row_state(self, acc_dtype(x.dtype), x)
         if rows is not None:
             return self._forward_rows(x, plan, rows, compute_dtype, out_dtype)
         if plan.path == "torch":
-            base = self._base_forward(x, compute_dtype)
-            acc = acc_dtype(x.dtype)
-            gp = self.global_params_ref
-            if plan.split16 or torch.compiler.is_compiling():
-                # the registered op (one graph node), with the same operands as the eager path
-                c = self._constants(acc)
-                v = gp.compute_view(self._buffers["P"].device).to(acc)
-                f = AdapterFactors(A=c.a, B=c.b, R=r_from(v, c.pt, self.projection, c.pt64))
-                return add_adapter(base, x, f, out_dtype, split16=plan.split16)
-            if torch.is_grad_enabled() and (gp.global_v.requires_grad or x.requires_grad
-                                            or base.requires_grad):
-                return layer_adapter(base, x, gp.compute_view(self._buffers["P"].device),
-                                     self._constants(acc), self.projection, out_dtype)
-            rat, bt = adapter_state.inference_operands(self, acc)
-            return add_adapter_inference(base, x, rat, bt, out_dtype)
+            return self._torch_forward(x, plan, compute_dtype, out_dtype)
         if plan.path == "merged":
             return self._base_forward(x, compute_dtype).to(out_dtype)
         self._check_storage()
@@ -247,6 +232,29 @@ class TinyLoRALinear(nn.Module):
         return fused_tinylora_linear(x.to(compute_dtype), self.kernel_weight(),
                                      self.base_layer.bias, self.adapter_factors(), out_dtype,
                                      plan.path, plan.config)
+
+    def _torch_forward(self, x, plan, compute_dtype, out_dtype):
+        """The torch path: the base layer's product + the factorized adapter."""
+        base = self._base_forward(x, compute_dtype)
+        acc = acc_dtype(x.dtype)
+        gp = self.global_params_ref
+        grad = torch.is_grad_enabled() and (gp.global_v.requires_grad or x.requires_grad
+                                            or base.requires_grad)
+        if plan.half and not torch.compiler.is_compiling():
+            w, bt = adapter_state.half_operands(self, x.dtype)
+            return half_layer_adapter(base, x, gp.compute_view(w.device), w, bt, self._constants(
+                acc).p, self.projection) if grad else half_adapter(base, x, w, bt)
+        if plan.split16 or torch.compiler.is_compiling():
+            # the registered op (one graph node), with the same operands as the eager path
+            c = self._constants(acc)
+            v = gp.compute_view(self._buffers["P"].device).to(acc)
+            f = AdapterFactors(A=c.a, B=c.b, R=r_from(v, c.pt, self.projection, c.pt64))
+            return add_adapter(base, x, f, out_dtype, split16=plan.split16)
+        if grad:
+            return layer_adapter(base, x, gp.compute_view(self._buffers["P"].device),
+                                 self._constants(acc), self.projection, out_dtype)
+        rat, bt = adapter_state.inference_operands(self, acc)
+        return add_adapter_inference(base, x, rat, bt, out_dtype)
 
     def _forward_rows(self, x, plan, rows, compute_dtype, out_dtype):
         """The call with per-sequence adapters (:mod:`tinylora_kernels.adapter_set`)."""
@@ -350,7 +358,7 @@ class TinyLoRALinear(nn.Module):
 
     def _drop_kept(self):
         """Forget everything kept across calls (all of it depends on buffers and storage)."""
-        for kept in ("_plans_", "_m_edges_", "_nf4_view_", "_stash_", "_consts_"):
+        for kept in ("_plans_", "_m_edges_", "_nf4_view_", "_stash_", "_consts_", "_half_b_"):
             self.__dict__.pop(kept, None)
 
     def extra_repr(self) -> str:

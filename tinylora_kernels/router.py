@@ -4,8 +4,9 @@ A :class:`Plan` names the path, the kernel config where there is one, and why:
 
 ============  ===============================================================================
 ``torch``     the base layer's own product (bitsandbytes' ``matmul_4bit`` for a 4-bit base,
-              ``F.linear`` for a dense one) + the factorized adapter in fp32
-              (:mod:`tinylora_kernels.torch_path`); ``split16`` for its one-16-bit-GEMM form
+              ``F.linear`` for a dense one) + the factorized adapter: ``half`` in the call's
+              16-bit dtype (:mod:`tinylora_kernels.half_path`; 16-bit calls on a GPU), else in
+              fp32 (:mod:`tinylora_kernels.torch_path`; ``split16`` for its one-16-bit-GEMM form)
 ``gemv``      NF4 at M <= 4: a split-K GEMV with the adapter folded in
               (:mod:`tinylora_kernels.ops.nf4_gemv`; backward :mod:`~.ops.grad_x`)
 ``fused``     one Triton kernel streaming the packed (or dense) weight with the adapter folded in
@@ -36,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backend
+from .half_path import use_half
 from .torch_path import SPLIT16_MIN_ELEMENTS, use_split16
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,11 @@ class Plan:
     backend: str                       # the backend asked for
     reason: str                        # why this path
     split16: bool = False              # torch path: the adapter by one 16-bit GEMM
+    half: bool = False                 # torch path: the adapter in the call's 16-bit dtype
     config: object = None              # gemv / fused path: the kernel's launch config
 
     def __str__(self) -> str:
-        extra = " split16" if self.split16 else ""
+        extra = " split16" if self.split16 else " half" if self.half else ""
         if self.config is not None:
             extra += " " + " ".join(f"{k}={v}" for k, v in vars(self.config).items())
         return (f"{self.path}{extra} ({str(self.compute_dtype)[6:]} -> "
@@ -134,6 +137,8 @@ def _kernel_refusal(layer, x, compute_dtype) -> Optional[str]:
 
 def _decide(layer, x, m, asked, compute_dtype, out_dtype) -> Plan:
     def torch_plan(reason):
+        if use_half(x.device, x.dtype, compute_dtype, out_dtype):
+            return Plan("torch", compute_dtype, out_dtype, asked, reason, half=True)
         split = use_split16(x.device, x.dtype, compute_dtype, out_dtype,
                             m * layer.base_layer.out_features)
         return Plan("torch", compute_dtype, out_dtype, asked, reason, split16=split)
