@@ -208,14 +208,38 @@ def test_host_cost_measures_both_cases(tmp_path):
     assert data["timing"]["clock"] == "wall" and data["baseline"] == "bitsandbytes"
     calls = {(r["case"]["call"], r["case"]["path"]): r for r in data["rows"]}
     for call in ("no_grad", "fwd+bwd"):
-        row = calls[(call, "reference")]
-        bare, ours = row["providers"]["bitsandbytes"], row["providers"]["tinylora"]
-        assert bare["min_us"] > 0 and ours["min_us"] > 0
-        assert row["ratio_min"] == pytest.approx(ours["min_us"] / bare["min_us"])
-        assert ours["ops"] > bare["ops"] and len(ours["op_list"]) == ours["ops"]
-        assert ours["plan"].startswith("torch")
+        for path in ("reference", "reference_in_model_call"):
+            row = calls[(call, path)]
+            bare, ours = row["providers"]["bitsandbytes"], row["providers"]["tinylora"]
+            assert bare["min_us"] > 0 and ours["min_us"] > 0
+            assert row["ratio_min"] == pytest.approx(ours["min_us"] / bare["min_us"])
+            assert ours["ops"] > bare["ops"] and len(ours["op_list"]) == ours["ops"]
+            assert ours["plan"].startswith("torch")
+    # inside a model call a no-grad call's adapter operands come from the call's batch
+    ops = {path: calls[("no_grad", path)]["providers"]["tinylora"]["ops"]
+           for path in ("reference", "reference_in_model_call")}
+    assert ops["reference_in_model_call"] < ops["reference"]
     paths = bench.write(data, tmp_path, "h")
     assert "no_grad" in paths[1].read_text() and json.loads(paths[0].read_text())["rows"]
+
+
+@needs_bnb
+def test_profile_lists_every_operation_of_a_decoder_layer_call():
+    from tinylora_kernels.bench.profile import profile_layer, profile_markdown
+
+    data = profile_layer(device="cpu", ms=(1,), calls=2, progress=lambda s: None)
+    assert data["schema"] == bench.SCHEMA and data["mode"] == "profile"
+    rows = {(r["case"]["mode"], r["case"]["provider"]): r for r in data["rows"]}
+    assert set(rows) == {(m, p) for m in ("fwd", "fwd+bwd") for p in ("reference", "bnb_base")}
+    for r in rows.values():
+        assert r["ops"] and r["total"]["host_us"] > 0
+        assert r["total"]["host_us"] == pytest.approx(sum(o["host_us"] for o in r["ops"]))
+    ours = {o["op"]: o["per_call"] for o in rows[("fwd", "reference")]["ops"]}
+    bare = {o["op"]: o["per_call"] for o in rows[("fwd", "bnb_base")]["ops"]}
+    assert all(n > 0 for n in (*ours.values(), *bare.values()))
+    assert sum(ours.values()) > sum(bare.values())        # the adapter's operations
+    text = profile_markdown(data)
+    assert "M = 1, fwd+bwd, reference" in text and "| operation |" in text
 
 
 @needs_bnb

@@ -96,21 +96,49 @@ def nf4_linear(w: torch.Tensor, device: str, compute_dtype: torch.dtype,
 
 
 # -- the layers each provider runs ------------------------------------------------------------
+class SharedModel(torch.nn.Module):
+    """The suite's adapted linears as one model: one v for all of them, and a model call (v's
+    view, every layer's R and adapter operands formed once, as in a real model's call) around
+    each timed call of the package's providers."""
+
+    def __init__(self, device: str, gen: torch.Generator):
+        from .. import TinyLoRAGlobalParams
+        from ..adapter_state import install_call_hooks
+
+        super().__init__()
+        self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+        self.layers = torch.nn.ModuleList()
+        install_call_hooks(self, self.gp)
+
+    def call(self):
+        """The context of one model call."""
+        from ..adapter_state import model_call
+
+        return model_call(self)
+
+
 class _Linear:
     """One adapted linear in every form the providers need, built from one random weight."""
 
-    def __init__(self, n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator):
+    def __init__(self, n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator,
+                 model: Optional["SharedModel"] = None):
         from .. import TinyLoRAGlobalParams, TinyLoRALinear
 
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
         self.dense = w.to(device)
         lin = nf4_linear(w, device, dtype)
-        self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32)
+        self.gp = TinyLoRAGlobalParams(u_dim=U, device=device, dtype=torch.float32) \
+            if model is None else model.gp
         self.layer = TinyLoRALinear(lin, RANK, None, self.gp, projection="diagonal",
                                     svd="device" if device == "cuda" else "cpu",
                                     generator=torch.Generator().manual_seed(n * 7 + k))
-        with torch.no_grad():
-            self.gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+        if model is None:
+            with torch.no_grad():
+                self.gp.global_v.copy_(torch.randn(U, generator=gen) * 0.1)
+        else:
+            model.layers.append(self.layer)
         self.lin4 = lin
 
     def base(self, x):

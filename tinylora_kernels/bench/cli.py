@@ -31,6 +31,10 @@ OTHER_MODES = {
                 "shapes)",
     "adapters": "a different v in every row of a batch against one shared v (a layer at M = 64, "
                 "and generate)",
+    "profile": "where the time of one decoder-layer call goes: every operation, host and device "
+               "µs per call (torch.profiler), at --m rows (default 1 and 4096 on a GPU, 1 and 128 "
+               "on a CPU), forward and fwd+bwd, the package's torch path against bitsandbytes "
+               "alone",
     "compiled": "no timing: compile what a Qwen2.5-Coder-3B decoder layer launches for Hopper "
                 "(sm_90) and project it against the H200 roofline (no GPU needed; every figure "
                 "projected, none measured)",
@@ -144,6 +148,13 @@ def _adapters(args, device, say):
     return adapter_batch_cost(device=device, progress=say)
 
 
+def _profile(args, device, say):
+    from .profile import profile_layer
+
+    return profile_layer(device=device, model=(args.models or [None])[0],
+                         ms=args.m or ((1, 4096) if device == "cuda" else (1, 128)), progress=say)
+
+
 def _compiled(args, device, say):
     from ..static_report import static_report
 
@@ -152,7 +163,7 @@ def _compiled(args, device, say):
 
 _RUNNERS = {"suite": _suite, "parts": _parts, "host_cost": _host_cost, "setup": _setup,
             "gemv_sweep": _gemv_sweep, "generate": _generate, "adapters": _adapters,
-            "compiled": _compiled}
+            "compiled": _compiled, "profile": _profile}
 
 
 def _refusal(mode: str, device: str):
@@ -201,6 +212,10 @@ def run_bench(args) -> int:
         from ..static_report import static_report_markdown
 
         table = static_report_markdown(data)
+    elif mode == "profile":
+        from .profile import profile_markdown
+
+        table = profile_markdown(data)
     prefix = "bench" if mode == "suite" else mode.replace("_", "-")
     stem = args.name or f"{prefix}-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
     from .suite import plot

@@ -19,7 +19,10 @@ HOST_COST_LEGEND = {
     "bitsandbytes": "bitsandbytes' Linear4bit alone, called as a module",
     "tinylora": "TinyLoRALinear around the same Linear4bit, by the row's path (reference: the "
                 "torch path; reference_no_decoded_copy: the same with TINYLORA_CPU_DECODED_MB=0, "
-                "NF4 decoded at every call as bitsandbytes does here; triton: the kernels)"}
+                "NF4 decoded at every call as bitsandbytes does here; triton: the kernels; <path>_in_model_call: "
+                "the same layer called inside an open model call, as a model's layers are: the "
+                "work done once per model call for all its layers — v's view, every layer's R "
+                "and adapter operands — is then not in the per-layer figure)"}
 
 
 class _OpCounter:
@@ -77,8 +80,8 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     the ratio of the minima over rounds (``ratio_min``: the least noisy estimate on a shared
     machine); the table shows medians. Also records the aten operations one call issues.
     """
+    from .. import adapter_state, router
     from .. import backend as backend_mod
-    from .. import router
 
     lin, layer, gp = _host_layer(n, k, device)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
@@ -99,16 +102,24 @@ def host_cost(device: str = "cpu", n: int = 128, k: int = 128, rounds: int = 15,
     def ours_fwd_bwd():
         torch.autograd.grad(layer(xg), [xg, gp.global_v], gy)
 
-    variants = [(b, b, None) for b in backends]
+    variants = [(b, b, None, False) for b in backends]
+    variants.append(("reference_in_model_call", "reference", None, True))
     if device == "cpu":
         # the pure bookkeeping: the base product decoded per call, as bitsandbytes does
-        variants.append(("reference_no_decoded_copy", "reference", "0"))
+        variants.append(("reference_no_decoded_copy", "reference", "0", False))
+    holder = torch.nn.Module()
+    holder.layer = layer
+    adapter_state.install_call_hooks(holder, gp)
     rows, summary = [], []
     for call, bare, ours in (("no_grad", bare_no_grad, ours_no_grad),
                              ("fwd+bwd", bare_fwd_bwd, ours_fwd_bwd)):
-        for name, backend_name, decoded_mb in variants:
+        for name, backend_name, decoded_mb, in_call in variants:
+            if in_call:             # a first model call enrols the layer in the call's batch
+                with adapter_state.model_call(holder), backend_mod.use_backend(backend_name):
+                    ours()
+            opened = adapter_state.model_call(holder) if in_call else contextlib.nullcontext()
             with env_var("TINYLORA_CPU_DECODED_MB", decoded_mb), \
-                    backend_mod.use_backend(backend_name):
+                    backend_mod.use_backend(backend_name), opened:
                 timed = measure({"bitsandbytes": bare, "tinylora": ours}, device,
                                 clock="wall", rounds=rounds, reps=reps)
                 ops = count_ops(ours)

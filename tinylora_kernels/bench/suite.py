@@ -7,6 +7,7 @@ measured apart can be held against fwd+bwd measured together (:func:`~.report.co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -15,7 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .cases import PROVIDER_DESCRIPTIONS, PROVIDERS, Case, _Linear, cpu_note, provider_missing
+from .cases import (PROVIDER_DESCRIPTIONS, PROVIDERS, Case, SharedModel, _Linear, cpu_note,
+                    provider_missing)
 from .report import result
 from .timing import environment, floor_us, graph_time, measure, measure_ceilings, timing_method
 
@@ -41,27 +43,33 @@ def make_workload(case: Case, provider: str, device: str, built: Optional[dict] 
     dtype = dtype or default_dtype(device)
     built = {} if built is None else built
     gen = gen or torch.Generator().manual_seed(0)
+    shared = built.get("model")
+    if shared is None:
+        shared = built["model"] = SharedModel(device, gen)
     for _, n, k in case.linears():
         if (n, k, dtype) not in built:
-            built[(n, k, dtype)] = _Linear(n, k, device, dtype, gen)
+            built[(n, k, dtype)] = _Linear(n, k, device, dtype, gen, shared)
     chain = [built[(n, k, dtype)] for _, n, k in case.linears()]
+    # the package's layers run inside a model call, as a model's layers do
+    call = shared.call if provider in ("reference", "fused") else contextlib.nullcontext
     xs = {k: torch.randn(case.M, k, generator=gen).to(device, dtype) for _, _, k in
           case.linears()}
     if case.mode == "fwd" and not grad_enabled:
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), call():
                 for lin, (_, n, k) in zip(chain, case.linears()):
                     lin.run(provider, xs[k])
         return fwd
     xs = {k: x.requires_grad_(True) for k, x in xs.items()}
-    params = [lin.gp.global_v for lin in chain]
+    params = [shared.gp.global_v]
 
     # a fixed random upstream gradient per output, as a loss downstream would send (not the
     # stride-0 ones of ``.sum()``, which take other, unrepresentative paths)
     grads = [torch.randn(case.M, n, generator=gen).to(device, dtype) for _, n, _ in case.linears()]
 
     def forward():
-        return [lin.run(provider, xs[k]) for lin, (_, _, k) in zip(chain, case.linears())]
+        with call():
+            return [lin.run(provider, xs[k]) for lin, (_, _, k) in zip(chain, case.linears())]
 
     inputs = list(xs.values()) + ([p for p in params if p.requires_grad]
                                   if provider != "bnb_base" else [])
