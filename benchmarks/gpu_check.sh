@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# The whole GPU job in one call (about 8 minutes by default): environment, the CUDA test tier,
-# then the benchmark harness (`python3 -m tinylora_kernels bench`, nothing else): one
-# Qwen2.5-Coder-3B decoder layer at M = 1, 16, 4096, eager and (M <= 16) replayed from a CUDA
-# graph, forward and fwd+bwd (with its consistency check); the per-call host cost; eager and
-# static-cache (compiled) generate on two 3B-shaped 4-bit decoder layers.
+# The whole GPU job in one call (about 7 minutes by default): environment, the CUDA tests of the
+# default path, then the benchmark harness (`python3 -m tinylora_kernels bench`, nothing else):
+# one Qwen2.5-Coder-3B decoder layer at M = 1, 16, 512, 4096, forward (eager, and replayed from
+# a CUDA graph for M <= 16) and fwd+bwd, against bitsandbytes alone and bitsandbytes + the
+# factorized adapter; where the time of a decoder-layer call goes (every operation, host and
+# device); the per-call host cost; eager and static-cache (compiled) generate on two 3B-shaped
+# 4-bit decoder layers.
 # Raw results (one JSON format) go to $OUT (default benchmarks/results); a short table last.
 # On the project's GPU machines bitsandbytes comes staged in .device-site (see README).
 #
-#   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: what the interpreter cannot
-#                                         check: bf16, compiled paths, bitsandbytes' CUDA decode)
-#   GPU_BENCH_S=120                       time budget of the suite (0: skip it)
+#   GPU_TESTS=all|none|<pytest -k expr>   which CUDA tests (default: the default path's: the
+#                                         half form, bf16, no host sync; GPU_TESTS=kernels: what
+#                                         the interpreter cannot check of the kernels)
+#   GPU_BENCH_S=100                       time budget of the suite (0: skip it)
+#   GPU_PROVIDERS=reference,bnb_base,peft_style   the suite's contenders (add fused: the kernels)
+#   GPU_PROFILE=0                         skip the per-operation profile
 #   GPU_HOST=0                            skip the per-call host cost (reference and kernels)
 #   GPU_GENERATE=0                        skip generate on 3B-shaped layers
 #   GPU_GEMV=1                            also the NF4 GEMV launch-shape sweep (M = 1, 4)
 #   GPU_TRAIN=1                           also the 4-decoder-layer training step
-#   GPU_PARTS=1                           also the prefill forward's part-by-part timing
+#   GPU_PARTS=1                           also the prefill forward's part by part timing
 #   GPU_JSON_ONLY=1                       leave only JSON and the test log in $OUT (the tables
 #                                         and plots are regenerated from the JSON afterwards)
 set -uo pipefail
@@ -32,26 +37,34 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 '| triton', triton.__version__, '| transformers', transformers.__version__, '| bitsandbytes', \
 b.__version__, '|', torch.cuda.get_device_name())"
 
-# (each kernel variant compiles on first use: the whole tier takes several minutes; the default
-# keeps what only a GPU can check and fits ~2 minutes)
-sel=${GPU_TESTS:-"(bf16 and (nf4 or dequant or decode or bit_exact)) or compile or import_onto or gemv"}
-if [ "$sel" = all ]; then sel=""; fi
+sel=${GPU_TESTS:-"cuda"}
+files=(tests/test_half_form.py)
+if [ "$sel" = kernels ]; then
+    # (each kernel variant compiles on first use: the whole tier takes several minutes)
+    sel="(bf16 and (nf4 or dequant or decode or bit_exact)) or compile or import_onto or gemv"
+    files=(tests/test_fused_forward.py tests/test_nf4.py tests/test_backward.py
+           tests/test_interop.py tests/test_peft_import.py tests/test_router.py tests/test_ops.py
+           tests/test_nf4_gemv.py)
+fi
+if [ "$sel" = all ]; then sel=""; files=(tests); fi
 if [ "$sel" != none ]; then
     stamp "CUDA tests"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_forward.py \
-        tests/test_nf4.py tests/test_backward.py tests/test_interop.py tests/test_peft_import.py \
-        tests/test_router.py tests/test_ops.py tests/test_nf4_gemv.py \
-        -k "$sel" > "$OUT/gpu_tests.log" 2>&1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider "${files[@]}" -k "$sel" \
+        > "$OUT/gpu_tests.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 12
 fi
 
-BENCH_S=${GPU_BENCH_S:-120}
+BENCH_S=${GPU_BENCH_S:-100}
 if [ "$BENCH_S" != 0 ]; then
     stamp "suite: one decoder layer, forward, backward, fwd+bwd"
-    timeout $(( BENCH_S + 60 )) "${BENCH[@]}" --layers decoder_layer --m 1,16,4096 \
-        --modes fwd,bwd,fwd+bwd --providers fused,fused_no_adapter,bnb_base,reference,peft_style \
+    timeout $(( BENCH_S + 60 )) "${BENCH[@]}" --layers decoder_layer --m 1,16,512,4096 \
+        --modes fwd,bwd,fwd+bwd --providers "${GPU_PROVIDERS:-reference,bnb_base,peft_style}" \
         --budget-s "$BENCH_S" --name bench-gpu > /tmp/bench-gpu.log 2>&1
     tail -n 1 /tmp/bench-gpu.log
+fi
+if [ "${GPU_PROFILE:-1}" != 0 ]; then
+    stamp "where a decoder-layer call's time goes"
+    timeout 90 "${BENCH[@]}" --profile --m 1,4096 --name profile-gpu 2>&1 | grep -- "^- "
 fi
 if [ "${GPU_GEMV:-0}" != 0 ]; then
     stamp "NF4 GEMV launch shapes"
@@ -78,7 +91,7 @@ fi
 stamp "done"
 # the short table: the suite's decoder-layer rows, and its consistency check
 if [ -f "$OUT/bench-gpu.md" ]; then
-    grep -E "^\| (model|---)|decoder_layer" "$OUT/bench-gpu.md" | head -n 12
+    grep -E "^\| (model|---)|decoder_layer" "$OUT/bench-gpu.md" | head -n 16
     sed -n '/^Consistency/,$p' "$OUT/bench-gpu.md" | grep decoder_layer | head -n 8
 fi
 if [ -n "${GPU_JSON_ONLY:-}" ]; then rm -f "$OUT"/*.md "$OUT"/*.png; fi
