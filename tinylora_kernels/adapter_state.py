@@ -30,13 +30,14 @@ CUDA-graph-captured) step replayed after an optimizer step uses the new v, with 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import call_scope
+from .bnb import kept_copies
 from .torch_path import LayerConstants, acc_dtype, folded_operand, no_autocast, r_from
 
 __all__ = ["AdapterCall", "enter_call", "exit_call", "current_call", "v_view", "layer_constants",
@@ -138,6 +139,7 @@ def enter_call(model, args=None, kwargs=None) -> None:
     if calls.depth == 0:
         calls.call = AdapterCall(gp)
     calls.depth += 1            # first: the always-called exit hook closes it even if we raise
+    call_scope.open_call(kept_copies())
     assigned = assignment(gp)
     if assigned is not None and calls.depth == 1:
         calls.call.rows = (assigned[0], expand_rows(assigned[1], _batch_size(args, kwargs)))
@@ -155,16 +157,7 @@ def _batch_size(args, kwargs) -> Optional[int]:
 def _in_generate() -> bool:
     """Whether this call comes from transformers' ``generate`` (which expands a batch for
     ``num_return_sequences`` / ``num_beams``, each sequence repeated in place)."""
-    frame = sys._getframe(2)
-    for _ in range(40):
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name == "generate" and code.co_filename.replace("\\", "/").endswith(
-                "transformers/generation/utils.py"):
-            return True
-        frame = frame.f_back
-    return False
+    return call_scope.generate_frame(3) is not None
 
 
 def expand_rows(codes: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
@@ -188,6 +181,7 @@ def exit_call(model, args=None, output=None) -> None:
         return
     calls = _calls(gp)
     if calls.depth > 0:
+        call_scope.close_call()
         calls.depth -= 1
         if calls.depth == 0:
             calls.call = None

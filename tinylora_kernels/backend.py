@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from . import call_scope
+
 BACKENDS = ("auto", "reference", "triton")
 ENV = "TINYLORA_BACKEND"
 
@@ -42,8 +44,9 @@ def validate(name, what: str = "backend") -> str:
 
 
 def from_environment() -> str:
-    """The backend ``TINYLORA_BACKEND`` asks for (``auto`` when unset or empty)."""
-    raw = os.environ.get(ENV)
+    """The backend ``TINYLORA_BACKEND`` asks for (``auto`` when unset or empty; read once per model
+    call, see :mod:`tinylora_kernels.call_scope`)."""
+    raw = os.environ.get(ENV) if torch.compiler.is_compiling() else call_scope.env(ENV)
     try:
         return _env_seen[raw]
     except KeyError:

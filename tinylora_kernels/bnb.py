@@ -14,7 +14,7 @@ On a CPU, bitsandbytes decodes the whole weight at every call (its fast path exi
 with AVX512-BF16, and repacks the weight in place). Here the base product on a CPU uses a decoded
 copy of the weight in the compute dtype, kept per layer while a process-wide budget allows
 (:func:`cpu_decoded_weight`; ``TINYLORA_CPU_DECODED_MB``, default 1024 MiB, 0 turns it off, read
-at every call: lowering it frees kept copies): the same bits as bitsandbytes' decode-then-
+once per model call: lowering it frees kept copies): the same bits as bitsandbytes' decode-then-
 ``linear``, without decoding again at every call. The NF4 storage stays as it is (the kernels, the
 SVD and the checkpoints read it); layers beyond the budget decode per call, as bitsandbytes does.
 On a CPU with AVX512-BF16, a bf16 call without grad may instead run bitsandbytes' own packed
@@ -23,11 +23,13 @@ found it faster than the decoded copy.
 
 A kept copy can never go stale: it is tied to the CONTENT of the storage it was made from, not
 to pointers, version counters or object identities (which ``weight.data.copy_(...)`` or an
-in-place edit of ``quant_state.absmax`` leave unchanged). Every call recomputes a fingerprint of
+in-place edit of ``quant_state.absmax`` leave unchanged). A check recomputes a fingerprint of
 the packed bytes and of every quant-state tensor (:func:`storage_fingerprint`: small tensors
 byte for byte, larger ones by the 64-bit word sum of every 512-byte block, one vectorized pass
-over the packed bytes: ~5 % of a decoded bf16 M = 1 product, ~20 % of bitsandbytes' packed one)
-and decodes again when it differs.
+over the packed bytes: ~5 % of a decoded bf16 M = 1 product, ~20–80 % of bitsandbytes' packed
+one) and decodes again when it differs. Every call checks, except within one transformers
+``generate`` call, where each copy is checked at the first decode step that uses it and trusted
+for the rest of that ``generate`` (:mod:`tinylora_kernels.call_scope` says why and how).
 
 ``import bitsandbytes`` happens only inside the functions that need it.
 """
@@ -43,6 +45,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from . import call_scope
 from .nf4 import NF4Weight, dequantize_nf4, is_cpu_packed, restore_canonical_layout
 
 log = logging.getLogger(__name__)
@@ -184,7 +187,7 @@ def _parse_budget(raw: str) -> int:
 def decoded_budget_bytes() -> int:
     """The process-wide budget for decoded CPU weights (``TINYLORA_CPU_DECODED_MB``, MiB; a
     ValueError naming the variable for anything but a finite number >= 0)."""
-    return _parse_budget(os.environ.get(_BUDGET_VARIABLE, "1024"))
+    return _parse_budget(call_scope.env(_BUDGET_VARIABLE, "1024"))
 
 
 #: tensors up to this many bytes are compared whole (their bytes kept); larger ones by block sums
@@ -250,6 +253,11 @@ def storage_fingerprint(layer) -> tuple:
     return tuple(v.content() if isinstance(v, _Bytes) else v for v in _decode_inputs(layer))
 
 
+def kept_copies() -> bool:
+    """Whether any CPU copy of a 4-bit weight is kept now (decoded or packed)."""
+    return bool(_DECODED) or bool(_PACKED)
+
+
 def _nbytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -288,10 +296,13 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     budget = _budget()
     if budget <= 0:
         return None
-    key = (dtype, storage_fingerprint(layer))
     kept = _DECODED.get(layer)
+    if kept is not None and kept[0][0] == dtype and call_scope.is_checked(layer, "decoded"):
+        return kept[1]
+    key = (dtype, storage_fingerprint(layer))
     if kept is not None:
         if kept[0] == key:
+            call_scope.mark_checked(layer, "decoded")
             return kept[1]
         del _DECODED[layer]
     # a layer found not to fit is not re-checked until the budget or the kept set changes
@@ -305,6 +316,7 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     with torch.inference_mode(False), torch.no_grad():
         decoded = dequantize_nf4(nf4_of(layer), dtype)
     _DECODED[layer] = (key, decoded)
+    call_scope.mark_checked(layer, "decoded")
     return decoded
 
 
@@ -348,8 +360,10 @@ def cpu_packed_weight(layer, dtype: torch.dtype):
     if BASE_PRODUCT_CHOICE.get(shape) == "decoded":
         return None
     budget = _budget()
-    key = storage_fingerprint(layer)
     kept = _PACKED.get(layer)
+    if kept is not None and call_scope.is_checked(layer, "packed"):
+        return kept[1]
+    key = storage_fingerprint(layer)
     if kept is None or kept[0] != key:
         _PACKED.pop(layer, None)
         if _kept_bytes() + shape[0] * shape[1] // 2 > budget:
@@ -361,6 +375,7 @@ def cpu_packed_weight(layer, dtype: torch.dtype):
             del _PACKED[layer]
             return None
         _DECODED.pop(layer, None)       # made for the measurement; a grad call makes it again
+    call_scope.mark_checked(layer, "packed")
     return kept[1]
 
 
