@@ -195,3 +195,21 @@ def test_split16_adapter_path_vs_float64(dtype, rng):
     assert torch.equal(gbase, g)
     torch.testing.assert_close(gr.double(), gr_truth, rtol=1e-4, atol=1e-3)
     assert out.dtype == gx.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 40), (3, 1, 40), (2, 5, 40), (7, 40), (1, 40)])
+@pytest.mark.parametrize("n", [24, 3000])
+def test_the_unrolled_decode_add_gives_the_bits_of_the_general_one(dtype, shape, n):
+    # add_adapter_inference unrolls _add_low_rank for small outputs on a CPU: same products,
+    # so every bit must agree with the general route
+    from tinylora_kernels.torch_path import _add_low_rank, add_adapter_inference
+
+    g = torch.Generator().manual_seed(n + len(shape))
+    x = torch.randn(*shape, generator=g).to(dtype)
+    base = torch.randn(*shape[:-1], n, generator=g).to(dtype)
+    rat, bt = torch.randn(40, 2, generator=g), torch.randn(2, n, generator=g)
+    got = add_adapter_inference(base, x, rat, bt, dtype)
+    want = _add_low_rank(base, x.reshape(-1, 40).float(), rat, bt, dtype).view(got.shape)
+    assert got.shape == base.shape and got.dtype == dtype
+    assert torch.equal(got, want)

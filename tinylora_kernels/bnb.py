@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from functools import lru_cache
 
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import call_scope
+from .fingerprint import storage_fingerprint
 from .nf4 import NF4Weight, dequantize_nf4, is_cpu_packed, restore_canonical_layout
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
     ``repacked``: called (no arguments) when the weight is found in bitsandbytes' CPU-only layout,
     to restore it; without it that layout raises.
     """
+    if call_scope.trusting() and not torch.is_grad_enabled() and x.device.type == "cpu":
+        out = _trusted_product(layer, x, compute_dtype)
+        if out is not None:
+            return out
     bias = None if layer.bias is None else layer.bias.to(compute_dtype)
     xc = x.to(compute_dtype)
     weight = layer.weight
@@ -164,6 +168,23 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
     return bnb.matmul_4bit(xc, weight if _AS_STORED else weight.t(), bias=bias, quant_state=qs)
 
 
+def _trusted_product(layer, x, compute_dtype):
+    """The product from a kept copy checked earlier in this ``generate`` call (what the checked
+    route below would compute, with the checks it already passed left out), or None."""
+    if decoded_budget_bytes() != _FITTED[0] or x.shape[:-1].numel() == 0:
+        return None
+    bias = None if layer.bias is None else layer.bias.to(compute_dtype)
+    packed = call_scope.checked(layer, "packed")
+    if packed is not None and compute_dtype == torch.bfloat16:
+        return _packed_product(x.to(compute_dtype), packed, bias)
+    decoded = call_scope.checked(layer, "decoded")
+    if decoded is not None and decoded[0] == compute_dtype and not (
+            _packed_applies(layer, compute_dtype)
+            and BASE_PRODUCT_CHOICE.get((layer.out_features, layer.in_features)) != "decoded"):
+        return F.linear(x.to(compute_dtype), decoded[1], bias)
+    return None
+
+
 #: layer -> (storage fingerprint, decoded weight): the kept CPU copies (see the module docstring)
 _DECODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 #: layer -> (storage fingerprint, budget, number of kept copies) when its copy did not fit
@@ -188,69 +209,6 @@ def decoded_budget_bytes() -> int:
     """The process-wide budget for decoded CPU weights (``TINYLORA_CPU_DECODED_MB``, MiB; a
     ValueError naming the variable for anything but a finite number >= 0)."""
     return _parse_budget(call_scope.env(_BUDGET_VARIABLE, "1024"))
-
-
-#: tensors up to this many bytes are compared whole (their bytes kept); larger ones by block sums
-_WHOLE_BYTES = 1 << 16
-#: 64-bit words per row of the grid a larger tensor's bytes are summed over
-_GRID_WORDS = 64
-
-
-class _Bytes:
-    """A CPU tensor's bytes, viewed without a copy (a copy only when it is not contiguous):
-    small ones as a numpy array, larger ones also as a torch grid of 64-bit words, 64 a row."""
-
-    __slots__ = ("raw", "grid", "tail")
-
-    def __init__(self, t: torch.Tensor):
-        if t.requires_grad:
-            t = t.detach()
-        if t.dtype != torch.uint8 or not t.is_contiguous():
-            t = t.contiguous().reshape(-1).view(torch.uint8)
-        self.raw = t.reshape(-1).numpy()
-        self.grid = self.tail = None
-        if self.raw.nbytes > _WHOLE_BYTES and t.data_ptr() % 8 == 0:
-            whole = self.raw.nbytes // (8 * _GRID_WORDS) * (8 * _GRID_WORDS)
-            self.grid = t.reshape(-1)[:whole].view(torch.int64).view(-1, _GRID_WORDS)
-            self.tail = self.raw[whole:]
-
-    def content(self):
-        """What identifies the bytes now: up to 64 KiB the bytes themselves; larger, the
-        wrapping sum of each 512-byte row of the grid (one changed word always changes it, and
-        so does any change a row's sum sees: a reload, a scale edit, a partial write; two words
-        exchanged within one row do not) and the bytes past the grid. The sums run through
-        torch (vectorized, threaded: ~70 µs for the 11 MB of a 3B model's largest weight)."""
-        if self.grid is None:
-            return self.raw.tobytes()
-        return (self.grid.sum(1).numpy().tobytes(), self.tail.tobytes())
-
-
-#: layer -> (which tensors, their byte views): the numpy views of what a decode reads, kept while
-#: the layer holds the same tensors (the views share their memory: writes show through them)
-_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _decode_inputs(layer) -> list:
-    """Byte views of the packed weight and every quant-state tensor, and the quant state's
-    scalars, of a CPU ``Linear4bit``."""
-    qs = layer.weight.quant_state
-    items = [layer.weight, qs.absmax, qs.code, tuple(qs.shape), int(qs.blocksize), qs.dtype]
-    if qs.nested:
-        items += [qs.state2.absmax, qs.state2.code, qs.offset, int(qs.state2.blocksize)]
-    which = tuple((id(t), t.data_ptr()) if isinstance(t, torch.Tensor) else t for t in items)
-    kept = _VIEWS.get(layer)
-    if kept is None or kept[0] != which:
-        views = [_Bytes(t) if isinstance(t, torch.Tensor) else t for t in items]
-        kept = _VIEWS[layer] = (which, views)
-    return kept[1]
-
-
-def storage_fingerprint(layer) -> tuple:
-    """A fingerprint of everything a CPU ``Linear4bit``'s decode reads: the packed bytes and the
-    quant state (tensors by content, see :class:`_Bytes`; scalars by value), comparable with
-    ``==``. Equal fingerprints mean the same decoded weight (for tensors over 64 KiB: up to
-    changes that leave the sum of every 512-byte block as it was)."""
-    return tuple(v.content() if isinstance(v, _Bytes) else v for v in _decode_inputs(layer))
 
 
 def kept_copies() -> bool:
@@ -296,13 +254,14 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     budget = _budget()
     if budget <= 0:
         return None
+    trusted = call_scope.checked(layer, "decoded")
+    if trusted is not None and trusted[0] == dtype:
+        return trusted[1]
     kept = _DECODED.get(layer)
-    if kept is not None and kept[0][0] == dtype and call_scope.is_checked(layer, "decoded"):
-        return kept[1]
     key = (dtype, storage_fingerprint(layer))
     if kept is not None:
         if kept[0] == key:
-            call_scope.mark_checked(layer, "decoded")
+            call_scope.mark_checked(layer, "decoded", (dtype, kept[1]))
             return kept[1]
         del _DECODED[layer]
     # a layer found not to fit is not re-checked until the budget or the kept set changes
@@ -316,7 +275,7 @@ def cpu_decoded_weight(layer, dtype: torch.dtype):
     with torch.inference_mode(False), torch.no_grad():
         decoded = dequantize_nf4(nf4_of(layer), dtype)
     _DECODED[layer] = (key, decoded)
-    call_scope.mark_checked(layer, "decoded")
+    call_scope.mark_checked(layer, "decoded", (dtype, decoded))
     return decoded
 
 
@@ -360,9 +319,10 @@ def cpu_packed_weight(layer, dtype: torch.dtype):
     if BASE_PRODUCT_CHOICE.get(shape) == "decoded":
         return None
     budget = _budget()
+    trusted = call_scope.checked(layer, "packed")
+    if trusted is not None:
+        return trusted
     kept = _PACKED.get(layer)
-    if kept is not None and call_scope.is_checked(layer, "packed"):
-        return kept[1]
     key = storage_fingerprint(layer)
     if kept is None or kept[0] != key:
         _PACKED.pop(layer, None)
@@ -375,7 +335,7 @@ def cpu_packed_weight(layer, dtype: torch.dtype):
             del _PACKED[layer]
             return None
         _DECODED.pop(layer, None)       # made for the measurement; a grad call makes it again
-    call_scope.mark_checked(layer, "packed")
+    call_scope.mark_checked(layer, "packed", kept[1])
     return kept[1]
 
 

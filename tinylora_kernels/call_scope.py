@@ -11,7 +11,7 @@ Two things a layer call would otherwise redo, held for a span in which they cann
   storage a kept copy was made from. Within one call of transformers' ``generate``, whose
   decode steps are model calls with nothing of the user's in between but its callbacks
   (logits processors, stopping criteria, streamers), each layer's copy is checked at the first
-  step that uses it and trusted for the rest of that ``generate`` (:func:`is_checked`): the check
+  step that uses it and trusted for the rest of that ``generate`` (:func:`checked`): the check
   reads every byte of the weight, nearly what the product itself reads. A callback that writes
   base weights DURING a ``generate`` is not seen until that ``generate`` returns; any write
   between two ``generate`` calls, or between a ``generate`` and a plain call, is.
@@ -32,7 +32,7 @@ import threading
 import weakref
 from typing import Optional
 
-__all__ = ["generate_frame", "env", "open_call", "close_call", "is_checked", "mark_checked"]
+__all__ = ["generate_frame", "env", "open_call", "close_call", "checked", "trusting", "mark_checked"]
 
 _GENERATE_FILE = "transformers/generation/utils.py"
 
@@ -124,18 +124,27 @@ def close_call() -> None:
             scope.trusting = False
 
 
-def is_checked(layer, kind: str) -> bool:
-    """Whether ``layer``'s kept copy of this ``kind`` was checked earlier in the ``generate``
-    call this model call belongs to."""
+def checked(layer, kind: str):
+    """What :func:`mark_checked` recorded for ``layer``'s kept copy of this ``kind`` earlier in
+    the ``generate`` call this model call belongs to, or None (always None outside one)."""
     scope = _SCOPE
-    return scope.trusting and layer in scope.checked.get(kind, ())
+    if not scope.trusting:
+        return None
+    seen = scope.checked.get(kind)
+    return None if seen is None else seen.get(layer)
 
 
-def mark_checked(layer, kind: str) -> None:
-    """``layer``'s kept copy of this ``kind`` was just checked (or made) in this model call."""
+def trusting() -> bool:
+    """Whether this model call belongs to a ``generate`` call whose checks it may reuse."""
+    return _SCOPE.trusting
+
+
+def mark_checked(layer, kind: str, value) -> None:
+    """``layer``'s kept copy of this ``kind`` (``value``) was just checked (or made) in this
+    model call."""
     scope = _SCOPE
     if scope.trusting:
         seen = scope.checked.get(kind)
         if seen is None:
-            seen = scope.checked[kind] = weakref.WeakSet()
-        seen.add(layer)
+            seen = scope.checked[kind] = weakref.WeakKeyDictionary()
+        seen[layer] = value
