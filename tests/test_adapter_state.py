@@ -274,3 +274,89 @@ def test_save_refuses_p_written_by_hand(tmp_path):
         tiny_lora_layers(model)[-1][1].P.mul_(2)
     with pytest.raises(ValueError, match="does not reproduce"):
         save_tiny_lora(model, tmp_path / "v.pt", seed=3, model_id="x")
+
+
+# -- a decode step whose v did not change reuses R and Aᵀ Rᵀ (CPU: compared bit for bit) ---------
+def _count_batches(monkeypatch):
+    from tinylora_kernels import adapter_state
+
+    calls = []
+    real = adapter_state._batch_values
+    monkeypatch.setattr(adapter_state, "_batch_values",
+                        lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("write", list(WRITES) + ["-0.0"])
+def test_model_calls_reuse_derived_values_only_while_v_is_bit_for_bit_the_same(write,
+                                                                              monkeypatch):
+    model, gp = _model(False)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gp.global_v.data[0] = 0.0
+        model(ids)
+        model(ids)                                   # every layer in the call's batch now
+        calls = _count_batches(monkeypatch)
+        before = model(ids).logits
+        model(ids)
+    assert len(calls) == 0                           # v unchanged: the last batch served
+    if write == "-0.0":
+        gp.global_v.data[0] = -0.0                   # equal as numbers, not as bits
+    else:
+        WRITES[write](gp.global_v, _new_v(gp, 12))
+    with torch.no_grad():
+        got = model(ids).logits
+        want = copy.deepcopy(model)(ids).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if write != "-0.0":
+        assert not torch.equal(got, before)
+
+
+@needs_bnb
+def test_a_v_written_by_a_generate_callback_takes_effect_at_the_next_step():
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, gp = _model(True)
+    model.eval()
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    steps = []
+
+    class WriteV(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            steps.append(1)
+            if len(steps) == 2:
+                gp.global_v.data.mul_(40)           # between decode steps 2 and 3
+            return scores
+
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        before = copy.deepcopy(model)
+        got = model.generate(ids, logits_processor=LogitsProcessorList([WriteV()]), **kw)
+        # the same tokens scored with v as it was: steps 1-2 agree, step 3 on do not
+        old = before(got.sequences[:, :-1]).logits[:, ids.shape[1] - 1:]
+    for step, logits in enumerate(got.logits):
+        diff = (logits - old[:, step]).abs().max().item()
+        assert (diff < 1e-4) == (step < 2), (step, diff)
+
+
+@needs_bnb
+def test_an_adapter_buffer_written_between_two_generates_is_seen():
+    model, gp = _model(True)
+    model.eval()
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        gp.global_v.data.mul_(20)
+        model.generate(ids, **kw)
+        first = model.generate(ids, **kw)
+        for m in model.modules():
+            if isinstance(m, TinyLoRALinear):
+                m.S.mul_(3)                          # in place: a new version of the buffer
+        got = model.generate(ids, **kw)
+        want = copy.deepcopy(model).generate(ids, **kw)
+    assert not torch.equal(torch.stack(got.logits), torch.stack(first.logits))
+    assert torch.equal(torch.stack(got.logits), torch.stack(want.logits))

@@ -12,8 +12,11 @@ Two kinds of state, and no third:
 * **Computed in every call: everything derived from v.** The fp32 view of v, each layer's
   R = Σ v_i P_i, Aᵀ Rᵀ (the torch path's folded operand) and R for the kernels (which form B R).
   Nothing decides by v's pointer, version counter or an optimizer-step count whether v changed:
-  these values are recomputed from v's memory each time, so v may be written any way at all
+  these values come from v's memory each time, so v may be written any way at all
   (``v.data.copy_``, ``v.data[0] += 1``, ``.data =``, ``set_``, a fused optimizer, a broadcast).
+  On a CPU a model call whose v is bit for bit the v of the previous call (compared, every bit)
+  reuses that call's values, which would come out the same: a decode step then reads v and
+  compares 16 numbers instead of forming every layer's R and Aᵀ Rᵀ again.
 
 A *model call* is one call of a model that ``apply_tiny_lora`` adapted: its forward pre-hook opens
 an :class:`AdapterCall` on the model's :class:`~tinylora_kernels.layers.TinyLoRAGlobalParams` (per
@@ -350,6 +353,8 @@ class _Roster(_FreshOnCopy):
         self.layers: List[weakref.ref] = []
         self.known: set = set()
         self.groups: Optional[list] = None
+        self.validated = None       # the generate call (call_scope.generation) groups were checked in
+        self.last = None            # (key, the v bits it came from, the batch): the last CPU batch
 
     def add(self, layer) -> None:
         if id(layer) not in self.known:
@@ -407,10 +412,50 @@ def _compute_batch(gp, acc: torch.dtype, half: Optional[torch.dtype] = None) -> 
     roster = _roster(gp)
     if not roster.layers:
         return {}
-    if roster.groups is None or roster.groups[0] != acc or any(
+    generation = call_scope.generation()
+    if roster.groups is None or roster.groups[0] != acc or (
+            generation is None or roster.validated != generation) and any(
             layer_constants(m, acc) is not c for g in roster.groups[1] for m, c in g[2]):
-        # (a member's constants were rebuilt, a buffer written: checked once per model call)
+        # (a member's constants were rebuilt, a buffer written: checked once per model call, or
+        # once per generate call, as the kept copies of 4-bit weights are: see call_scope)
         roster.groups = (acc, _build_groups(roster, acc))
+        roster.last = None
+    roster.validated = generation
+    reuse = _reusable(gp, roster, (acc, half))
+    if reuse is not None:
+        return reuse
+    out = _batch_values(gp, roster, acc, half)
+    _remember(gp, roster, (acc, half), out)
+    return out
+
+
+def _v_bits(gp) -> Optional[torch.Tensor]:
+    """v's values now, as integers (every bit compared: -0.0 is not 0.0), when every group is on
+    the CPU (elsewhere comparing would wait for the device); else None."""
+    if any(g[0].type != "cpu" for g in _roster(gp).groups[1]):
+        return None
+    v = v_view(gp, torch.device("cpu"))
+    return v.view(torch.int64 if v.element_size() == 8 else torch.int32)
+
+
+def _reusable(gp, roster: _Roster, key: tuple) -> Optional[Dict[int, tuple]]:
+    """The last call's batch when it was formed from the same groups and from v's very bits (all
+    derived values would come out bit for bit the same): a decode step reads v and compares it,
+    instead of forming every layer's R and Aᵀ Rᵀ again."""
+    last = roster.last
+    if last is None or last[0] != key or last[3] is not roster.groups:
+        return None
+    bits = _v_bits(gp)
+    return last[2] if bits is not None and torch.equal(bits, last[1]) else None
+
+
+def _remember(gp, roster: _Roster, key: tuple, out: Dict[int, tuple]) -> None:
+    bits = _v_bits(gp)
+    roster.last = None if bits is None else (key, bits.clone(), out, roster.groups)
+
+
+def _batch_values(gp, roster: _Roster, acc: torch.dtype, half) -> Dict[int, tuple]:
+    """Every layer's (R, Aᵀ Rᵀ, Bᵀ, constants[, w, B in ``half``]) from v's values now."""
     out: Dict[int, tuple] = {}
     for device, r, members, pt, at in roster.groups[1]:     # (this call's values only)
         with no_autocast(device.type):

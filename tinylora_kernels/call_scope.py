@@ -32,7 +32,8 @@ import threading
 import weakref
 from typing import Optional
 
-__all__ = ["generate_frame", "env", "open_call", "close_call", "checked", "trusting", "mark_checked"]
+__all__ = ["generate_frame", "env", "open_call", "close_call", "checked", "trusting", "generation",
+           "mark_checked"]
 
 _GENERATE_FILE = "transformers/generation/utils.py"
 
@@ -74,6 +75,7 @@ class _Scope(threading.local):
         self.token = None               # weak reference to the generate call's config copy
         self.checked = None             # kind of copy -> layers whose copies were checked in it
         self.trusting = False           # inside a model call of that generate
+        self.generation = 0             # counts the generate calls seen
 
 
 _SCOPE = _Scope()
@@ -111,6 +113,7 @@ def open_call(check_generate: bool) -> None:
     if scope.token is None or scope.token() is not token:
         scope.token = weakref.ref(token)
         scope.checked = {}
+        scope.generation += 1
     scope.trusting = True
 
 
@@ -132,6 +135,13 @@ def checked(layer, kind: str):
         return None
     seen = scope.checked.get(kind)
     return None if seen is None else seen.get(layer)
+
+
+def generation() -> Optional[int]:
+    """A number naming the ``generate`` call this model call belongs to (None outside one, or
+    where its checks may not be reused): what was checked under the same number may be reused."""
+    scope = _SCOPE
+    return scope.generation if scope.trusting else None
 
 
 def trusting() -> bool:
