@@ -220,3 +220,28 @@ def test_a_16bit_4bit_batch_gives_exactly_the_tokens_of_separate_generates():
         for i, name in enumerate(adapters.names):
             gp.global_v.copy_(vs[name])
             assert torch.equal(together[i:i + 1], model.generate(prompt, **kw)), name
+
+
+@pytest.mark.parametrize("change", ["set v in place", "model v", "assignment"])
+def test_repeated_calls_follow_every_change_of_the_rows_adapters(change):
+    # calls with the same v's and assignment may reuse the last call's per-row values; any
+    # change must be seen by the next call
+    model, gp = _model(False)
+    adapters = AdapterSet(model, _vs(3, 6))
+    ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(5))
+    names = ["a0", MODEL, "a2"]
+    after = ["a2", "a0", MODEL] if change == "assignment" else names
+    with torch.no_grad():
+        with adapters.per_sequence(model, names):
+            model(ids)
+            first = model(ids).logits
+            if change == "set v in place":
+                adapters.v.data[0] *= 3
+            elif change == "model v":
+                gp.global_v.data.mul_(-2)
+        with adapters.per_sequence(model, after):
+            got = model(ids).logits
+    for i, name in enumerate(after):
+        v = "own" if name == MODEL else adapters.v[adapters.names.index(name)].clone()
+        _f64_close(got[i:i + 1], _alone(model, gp, v, ids[i:i + 1]))
+    assert not torch.allclose(got, first)

@@ -355,6 +355,7 @@ class _Roster(_FreshOnCopy):
         self.groups: Optional[list] = None
         self.validated = None       # the generate call (call_scope.generation) groups were checked in
         self.last = None            # (key, the v bits it came from, the batch): the last CPU batch
+        self.last_rows = None       # the same for per-sequence adapters (tinylora_kernels.row_state)
 
     def add(self, layer) -> None:
         if id(layer) not in self.known:

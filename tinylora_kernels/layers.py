@@ -258,7 +258,7 @@ class TinyLoRALinear(nn.Module):
 
     def _forward_rows(self, x, plan, rows, compute_dtype, out_dtype):
         """The call with per-sequence adapters (:mod:`tinylora_kernels.adapter_set`)."""
-        Rt_rows, codes = rows
+        Rt_rows, codes, rat_rows = rows
         if plan.path == "merged":
             raise ValueError(f"{self._label()} holds a merged ΔW (one adapter in its weight): "
                              "per-sequence adapters need unmerged layers")
@@ -272,7 +272,7 @@ class TinyLoRALinear(nn.Module):
                 return out
         base = self._base_forward(x, compute_dtype)
         return add_adapter_rows(base, x, self._constants(acc_dtype(x.dtype)), Rt_rows,
-                                out_dtype)
+                                out_dtype, rat_rows)
 
     def _label(self) -> str:
         name = getattr(self, "layer_name", None)

@@ -453,7 +453,8 @@ def add_adapter_inference(base: torch.Tensor, x: torch.Tensor, rat: torch.Tensor
 
 
 def add_adapter_rows(base: torch.Tensor, x: torch.Tensor, consts: LayerConstants,
-                     Rt_rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                     Rt_rows: torch.Tensor, out_dtype: torch.dtype,
+                     rat_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``base + B (R_b (A x))`` with each sequence b of the batch using its own R: ``Rt_rows``
     (B, r, r) holds each sequence's Rᵀ (x is batch-first: (B, ..., K)). Batched products, no
     per-row loop, each sequence through the same products as alone with its v (``Aᵀ Rᵀ``, then
@@ -466,7 +467,8 @@ def add_adapter_rows(base: torch.Tensor, x: torch.Tensor, consts: LayerConstants
     k = x.shape[-1]
     acc = consts.at.dtype
     with no_autocast(x.device.type):
-        rat_rows = folded_operand(consts.at, Rt_rows.to(acc))                  # (B, K, r)
+        if rat_rows is None:                    # (given: formed for every layer at once)
+            rat_rows = folded_operand(consts.at, Rt_rows.to(acc))              # (B, K, r)
         z = torch.bmm(x.reshape(nb, -1, k).to(acc), rat_rows)                # (B, T, r)
         return _add_z(base, z, consts.bt, out_dtype)
 
