@@ -358,7 +358,8 @@ class TinyLoRALinear(nn.Module):
 
     def _drop_kept(self):
         """Forget everything kept across calls (all of it depends on buffers and storage)."""
-        for kept in ("_plans_", "_m_edges_", "_nf4_view_", "_stash_", "_consts_", "_half_b_"):
+        for kept in ("_plans_", "_m_edges_", "_nf4_view_", "_stash_", "_consts_", "_half_b_",
+                     "_lone_"):
             self.__dict__.pop(kept, None)
 
     def extra_repr(self) -> str:
