@@ -155,9 +155,12 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
         if not (torch.is_grad_enabled() and xc.requires_grad):
             packed = cpu_packed_weight(layer, compute_dtype)
             if packed is not None:
+                call_scope.mark_checked(layer, "route", (compute_dtype, True, packed))
                 return _packed_product(xc, packed, bias)
         decoded = cpu_decoded_weight(layer, compute_dtype)
         if decoded is not None:
+            if not torch.is_grad_enabled():
+                call_scope.mark_checked(layer, "route", (compute_dtype, False, decoded))
             return F.linear(xc, decoded, bias)
         if layer.in_features % qs.blocksize:
             return _NF4Linear.apply(xc, nf4_of(layer), bias)
@@ -169,20 +172,15 @@ def linear4bit_forward(layer, x: torch.Tensor, compute_dtype: torch.dtype,
 
 
 def _trusted_product(layer, x, compute_dtype):
-    """The product from a kept copy checked earlier in this ``generate`` call (what the checked
-    route below would compute, with the checks it already passed left out), or None."""
-    if decoded_budget_bytes() != _FITTED[0] or x.shape[:-1].numel() == 0:
+    """The product by the route a call without grad took earlier in this ``generate`` call, from
+    the kept copy checked then (the checks it passed left out), or None."""
+    route = call_scope.checked(layer, "route")
+    if route is None or route[0] != compute_dtype or decoded_budget_bytes() != _FITTED[0] or \
+            x.shape[:-1].numel() == 0:
         return None
     bias = None if layer.bias is None else layer.bias.to(compute_dtype)
-    packed = call_scope.checked(layer, "packed")
-    if packed is not None and compute_dtype == torch.bfloat16:
-        return _packed_product(x.to(compute_dtype), packed, bias)
-    decoded = call_scope.checked(layer, "decoded")
-    if decoded is not None and decoded[0] == compute_dtype and not (
-            _packed_applies(layer, compute_dtype)
-            and BASE_PRODUCT_CHOICE.get((layer.out_features, layer.in_features)) != "decoded"):
-        return F.linear(x.to(compute_dtype), decoded[1], bias)
-    return None
+    xc = x.to(compute_dtype)
+    return _packed_product(xc, route[2], bias) if route[1] else F.linear(xc, route[2], bias)
 
 
 #: layer -> (storage fingerprint, decoded weight): the kept CPU copies (see the module docstring)
