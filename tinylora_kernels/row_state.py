@@ -21,8 +21,9 @@ __all__ = ["row_state"]
 
 
 def row_state(layer, acc: torch.dtype, x: torch.Tensor):
-    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence) when this
-    thread has per-sequence adapters for the layer's v, else None. Differentiable in the set's
+    """(Rᵀ of each sequence's adapter (B, r, r) in ``acc``, the code of each sequence, each
+    sequence's Aᵀ Rᵀ (B, K, r) where the model call formed them for every layer, else None) when
+    this thread has per-sequence adapters for the layer's v, else None. Differentiable in the set's
     v's and the model's v under autograd. Under ``torch.compile`` a guard on
     :data:`~tinylora_kernels.adapter_state.OPEN_BLOCKS` keeps the graph free of this while no
     block is open."""
@@ -46,7 +47,7 @@ def _row_state(layer, acc, x):
         codes = expand_rows(codes, x.shape[0] if x.dim() >= 2 else 1)
         all_v = adapters.all_v(v_view(gp, c.pt.device), c.pt.device, acc)
         R = _rows_R(layer, c, all_v)
-        return R.transpose(1, 2)[codes.to(R.device)], codes
+        return R.transpose(1, 2)[codes.to(R.device)], codes, None
     adapters, codes = call.rows
     key = (acc, torch.is_grad_enabled())
     batch = call.row_batches.get(key)
