@@ -209,7 +209,9 @@ def test_the_unrolled_decode_add_gives_the_bits_of_the_general_one(dtype, shape,
     x = torch.randn(*shape, generator=g).to(dtype)
     base = torch.randn(*shape[:-1], n, generator=g).to(dtype)
     rat, bt = torch.randn(40, 2, generator=g), torch.randn(2, n, generator=g)
+    kept = base.clone()
     got = add_adapter_inference(base, x, rat, bt, dtype)
+    assert torch.equal(base, kept)                 # the base output is left as it was
     want = _add_low_rank(base, x.reshape(-1, 40).float(), rat, bt, dtype).view(got.shape)
     assert got.shape == base.shape and got.dtype == dtype
     assert torch.equal(got, want)
