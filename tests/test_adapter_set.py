@@ -245,3 +245,27 @@ def test_repeated_calls_follow_every_change_of_the_rows_adapters(change):
         v = "own" if name == MODEL else adapters.v[adapters.names.index(name)].clone()
         _f64_close(got[i:i + 1], _alone(model, gp, v, ids[i:i + 1]))
     assert not torch.allclose(got, first)
+
+
+def test_a_block_entered_again_gets_the_codes_of_its_names_each_time():
+    """The codes of an assignment are kept for the next block with the same names: a changed
+    assignment, bad names and the public codes() (a fresh tensor every time) stay as they were."""
+    import torch.nn as nn
+
+    from tinylora_kernels import AdapterSet, TinyLoRAGlobalParams, TinyLoRALinear
+    from tinylora_kernels.adapter_state import assignment
+
+    gp = TinyLoRAGlobalParams(u_dim=4)
+    model = nn.Sequential(TinyLoRALinear(nn.Linear(8, 6), rank=2, global_params_ref=gp))
+    s = AdapterSet(model, {"a": torch.ones(4), "b": -torch.ones(4)})
+    for names, want in ((["a", "b"], [0, 1]), (["b", "a"], [1, 0]), (["a", "b"], [0, 1]),
+                        (["__base__", "a"], [2, 0])):
+        with s.per_sequence(model, names):
+            assert assignment(gp)[1].tolist() == want
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with s.per_sequence(model, ["a", "zz"]):
+            pass
+    c = s.codes(["a", "b"])
+    c[0] = 1                                        # the caller's own tensor
+    with s.per_sequence(model, ["a", "b"]):
+        assert assignment(gp)[1].tolist() == [0, 1]

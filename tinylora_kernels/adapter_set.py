@@ -159,6 +159,24 @@ class AdapterSet:
         return torch.tensor([index[a] for a in assignment], dtype=torch.int64,
                             device=self.v.device)
 
+    def _kept_codes(self, assignment: Sequence[str]) -> torch.Tensor:
+        """:meth:`codes`, kept per assignment for the blocks that follow (a block is often entered
+        once per model call with the same names); never handed out, so never changed."""
+        kept = self.__dict__.setdefault("_kept_codes_", {})
+        try:
+            key = None if isinstance(assignment, str) else (tuple(self.names), tuple(assignment))
+            got = kept.get(key)
+        except TypeError:                                    # unhashable entries: no keeping
+            key = got = None
+        if got is not None and got.device == self.v.device:
+            return got
+        codes = self.codes(assignment)
+        if key is not None:
+            if len(kept) >= 16:
+                kept.clear()
+            kept[key] = codes
+        return codes
+
     def all_v(self, model_v: torch.Tensor, device, dtype) -> torch.Tensor:
         """(n + 2, u): the set's v's, zeros (no adapter), the model's own v — in ``dtype``."""
         v = self.v.to(device=device, dtype=dtype)
@@ -184,7 +202,7 @@ class AdapterSet:
             raise ValueError(f"{merged[0]._label()} holds a merged ΔW (one adapter in its "
                              "weight): per-sequence adapters need unmerged layers; call "
                              "unmerge_tiny_lora(model) first")
-        codes = self.codes(assignment)
+        codes = self._kept_codes(assignment)
         install_call_hooks(model, self.model_ref)
         with assigned_rows(self.model_ref, self, codes), \
                 _continuous_batching_refused(hooked_models(self.model_ref), self.model_ref):
