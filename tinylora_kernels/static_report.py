@@ -10,8 +10,10 @@ the JIT's own specialization (:mod:`tinylora_kernels.compile_check`), compiled f
   with the most global loads — and in it ``I_it``, the instructions per iteration (each static
   instruction once: predicated-off ones still issue; a nested runtime loop would count once, so
   I_it is then a lower bound), the global loads by width (``LDG.E.U8`` ... ``LDG.E.128``), async
-  copies (``LDGSTS``), TMA (``UTMALDG``), MMA (``HMMA``/``HGMMA``), shuffles, barriers and
-  shared-memory accesses;
+  copies (``LDGSTS``), TMA (``UTMALDG``), MMA (``HMMA``/``HGMMA``), shuffles, barriers,
+  shared-memory accesses, and the loads whose address comes from a value loaded in the loop
+  (``dependent_loads``: table lookups, each waiting for the load before it; registers followed
+  through the loop's data flow);
 * ``W_it``, the weights one CTA consumes per iteration, from the constexprs (GEMV: BN x 2 BKH;
   fused and grad_x: BN x BK; the decode kernel has no loop: its whole program);
 * warp-instructions per weight = I_it x num_warps / W_it.
@@ -101,6 +103,47 @@ def _loops(instrs, labels) -> List[Tuple[int, int]]:
     return loops
 
 
+_REG = re.compile(r"\b(U?[RP]\d+)(\.64)?\b")
+_NO_DESTINATION = ("ST", "BRA", "BAR", "EXIT", "RET", "LDGSTS", "LDGDEPBAR", "DEPBAR",
+                   "WARPSYNC", "RED", "ATOM", "NOP")
+
+
+def _regs(text: str, width: int = 1) -> List[str]:
+    """The registers an operand list names (a ``.64`` pair, or ``width`` consecutive ones from a
+    load's destination, counted in full)."""
+    out = []
+    for name, wide in _REG.findall(text):
+        prefix = name.rstrip("0123456789")
+        n = max(width, 2 if wide else 1) if prefix in ("R", "UR") else 1
+        out += [f"{prefix}{int(name[len(prefix):]) + j}" for j in range(n)]
+    return out
+
+
+def _dependent_loads(instrs, first: int, last: int) -> Tuple[int, int]:
+    """(global, shared) loads of the loop ``instrs[first..last]`` whose address comes from a value
+    loaded in the loop — table lookups by a loaded code, each waiting for the load before it.
+    A register is marked when a load writes it or an instruction computes it from a marked one,
+    and cleared when overwritten otherwise; the loop is walked twice (values carried around)."""
+    marked, gathers = set(), {}
+    for _ in range(2):
+        for i in range(first, last + 1):
+            _, op, rest = instrs[i]
+            is_load = op.startswith(("LDG", "LDS")) and "[" in rest
+            if is_load and marked.intersection(_regs(rest[rest.rfind("["):])):
+                gathers[i] = "global" if op.startswith("LDG") else "shared"
+            if op.startswith(_NO_DESTINATION):
+                continue
+            head, _, tail = rest.partition(",")
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            dsts = _regs(head, width if is_load else 1)
+            if is_load or marked.intersection(_regs(tail)):
+                marked.update(dsts)
+            else:
+                marked.difference_update(dsts)
+    kinds = list(gathers.values())
+    return kinds.count("global"), kinds.count("shared")
+
+
 def _is_global_load(op: str) -> bool:
     return op.startswith(("LDG", "LDGSTS", "UTMALDG", "UBLKCP"))
 
@@ -139,6 +182,8 @@ def sass_stats(cubin: bytes) -> dict:
             "barriers": sum(n for op, n in ops.items() if op.startswith(("BAR", "WARPSYNC"))),
             "shared_accesses": sum(n for op, n in ops.items()
                                    if op.startswith(("LDS", "STS", "LDSM"))),
+            "dependent_loads": dict(zip(("global", "shared"),
+                                        _dependent_loads(instrs, first, last))),
             "top_opcodes": dict(ops.most_common(8)),
         }
     return out
