@@ -32,3 +32,15 @@ def test_a_value_carried_around_the_loop_counts():
     # on the second trip R16 holds a loaded value, so R11's load becomes a gather too (and
     # R6 keeps the loaded address, so R15's as well)
     assert _dependent_loads(instrs, 0, 8) == (3, 1)
+
+
+def test_rebuilding_an_unknown_run_is_a_usage_error(capsys):
+    import pytest
+
+    from tinylora_kernels.bench.rebuild_measured import RUNS, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--runs", "v9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "v9" in err and all(name in err for name in RUNS)

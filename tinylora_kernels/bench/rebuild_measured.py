@@ -10,8 +10,10 @@ writes per row: grid, warps, stages, constexprs, the SASS statistics of
 :func:`tinylora_kernels.static_report.sass_stats`, and the measured times (eager and, where the
 run had them, CUDA-graph replays). No GPU is used; bitsandbytes and git are needed.
 
-    python benchmarks/rebuild_measured.py            # the three runs below, into
-                                                     # benchmarks/results/compiled/measured/
+    python -m tinylora_kernels.bench.rebuild_measured    # the three runs below, into
+                                                         # benchmarks/results/compiled/measured/
+
+(from a git checkout of the package: it needs the repository's history).
 
 The results are what a static model of the kernels' speed is fitted and checked against.
 """
@@ -26,7 +28,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 #: run name -> (the commit whose kernels it timed, its results file)
 RUNS = {"v1": ("982014a", "benchmarks/results/h200/gpu_forward_v1.json"),
@@ -134,10 +136,15 @@ def _run_one(name: str, out_dir: str) -> str:
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", wt, commit],
                        check=True, capture_output=True)
         try:
-            code = ("import json, sys; sys.path.insert(0, %r); import rebuild_measured as r; "
+            # this file loaded on its own (not as part of the package: the worktree's package
+            # is the one imported as tinylora_kernels there)
+            code = ("import importlib.util, json; "
+                    "s = importlib.util.spec_from_file_location('_rebuild', %r); "
+                    "r = importlib.util.module_from_spec(s); s.loader.exec_module(r); "
                     "rows = r.rebuild(%r, %r); json.dump({'commit': %r, 'results': %r, "
                     "'target': 'sm_90', 'rows': rows}, open(%r, 'w'), indent=1)"
-                    % (HERE, wt, os.path.join(ROOT, results), commit, results, path))
+                    % (os.path.abspath(__file__), wt, os.path.join(ROOT, results), commit,
+                       results, path))
             subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt],
@@ -148,7 +155,8 @@ def _run_one(name: str, out_dir: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
-    p.add_argument("--out", default=os.path.join(HERE, "results", "compiled", "measured"))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compiled",
+                                                 "measured"))
     args = p.parse_args(argv)
     names = [r for r in args.runs.split(",") if r]
     unknown = [r for r in names if r not in RUNS]
