@@ -32,3 +32,43 @@ def test_compile_check_refuses_the_interpreter():
                            "compile_check; sys.exit(compile_check.main(['--matrix', 'quick']))"],
                           env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
+
+
+_PIPELINED = r'''
+import json, torch
+from tinylora_kernels.compile_check import capture, compile_all, random_nf4, _factors
+from tinylora_kernels.ops.configs import pick_config
+from tinylora_kernels.ops.custom_ops import kernel_forward, kernel_grad_x
+from tinylora_kernels.static_report import sass_stats
+gen = torch.Generator().manual_seed(0)
+w, f = random_nf4(256, 256, True, gen=gen), _factors(256, 256, 2, gen)
+with capture("sm_90") as cap:
+    kernel_forward("fused", torch.randn(16, 256).bfloat16(), w, None, f,
+                   out_dtype=torch.bfloat16, config=pick_config(16, 256, 256))
+    kernel_grad_x("fused", torch.randn(16, 256).bfloat16(), w, f, x_dtype=torch.bfloat16)
+out = []
+for c in compile_all(cap.launches, "sm_90", 1):
+    loop = sass_stats(c.cubin)["k_loop"]
+    out.append([c.launch.kernel, loop["nested_loops"], loop["async_copies"]])
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_the_adapter_keeps_the_main_loop_software_pipelined(tmp_path):
+    """With the adapter compiled in, the forward's K loop and grad_x's N loop hold no inner
+    loop (the rank loop is unrolled) and load the weight by async copies, as without it: a
+    runtime-rank loop inside made Triton load every tile synchronously."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _PIPELINED], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(k for k, _, _ in loops) == ["_fused_linear_kernel", "_grad_x_kernel"]
+    for kernel, nested, async_copies in loops:
+        assert nested == 0 and async_copies > 0, (kernel, nested, async_copies)

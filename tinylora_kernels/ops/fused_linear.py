@@ -39,7 +39,7 @@ def _linear_tile(
     x_ptr, out_ptr, bias_ptr, ax_ptr,
     w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     a_ptr, b_ptr, r_ptr, rows_ptr,
-    M, N, K, KH, RANK,
+    M, N, K, KH, RANK: tl.constexpr,
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     stride_an, stride_ak,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -105,8 +105,8 @@ def _linear_tile(
         elif HAS_ADAPTER:
             # r (<= 16) dot products per row on the CUDA cores: A x costs r/BN of the main
             # product's work and needs no padded tensor-core tile
-            for i in range(RANK):
-                a_row = a_ptr + i * stride_an
+            for i in tl.static_range(RANK):     # unrolled: a loop inside would keep the
+                a_row = a_ptr + i * stride_an      # K loop from being software-pipelined
                 a_even = tl.load(a_row + ke * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
                 a_odd = tl.load(a_row + (ke + 1) * stride_ak, mask=mask_k,
                                 other=0.0).to(tl.float32)
@@ -167,7 +167,7 @@ def _fused_linear_kernel(
     # ROW_ADAPTERS one per adapter), the adapter of each row (int32, ROW_ADAPTERS only)
     a_ptr, b_ptr, r_ptr, rows_ptr,
     # sizes (KH = K // 2: bytes per row of packed NF4)
-    M, N, K, KH, RANK,
+    M, N, K, KH, RANK: tl.constexpr,
     # strides
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     stride_an, stride_ak,
@@ -198,7 +198,7 @@ def _fused_linear_kernel(
 
 @triton.jit
 def _fused_group_kernel(
-    x_ptr, M, K, KH, RANK, stride_xm, stride_xk,
+    x_ptr, M, K, KH, RANK: tl.constexpr, stride_xm, stride_xk,
     # projection 0
     o0, bias0, ax0, w0, am0, am20, c20, off0, code0, a0, b0, r0, N0, som0, son0, swn0, swk0,
     san0, sak0,

@@ -30,7 +30,7 @@ def _grad_x_kernel(
     # pointers: the adapter A (r x K), B (N x r, fp32), R (r x r, fp32)
     a_ptr, b_ptr, r_ptr,
     # sizes
-    M, N, K, KH, RANK,
+    M, N, K, KH, RANK: tl.constexpr,
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_an, stride_ak,
     # meta-parameters
@@ -85,7 +85,8 @@ def _grad_x_kernel(
             acc_odd = tl.dot(g, w_odd, acc_odd)
         if HAS_ADAPTER:
             g32 = g.to(tl.float32)
-            for i in range(RANK):
+            for i in tl.static_range(RANK):     # unrolled: a loop inside would keep the
+                # N loop from being software-pipelined
                 b_col = tl.load(b_ptr + rn64 * RANK + i, mask=mask_n, other=0.0)
                 part = tl.sum(g32 * b_col[None, :], axis=1)
                 gb += tl.where(rr[None, :] == i, part[:, None], 0.0)
