@@ -85,6 +85,25 @@ def _target(name: str):
     return GPUTarget(backend, arch, warp)
 
 
+def bind_launch(fn, backend, binders: dict, args, kwargs):
+    """(bound arguments, options, signature, constexprs, attrs) of ``fn[grid](*args, **kwargs)``
+    as the JIT would specialize it for ``backend`` (Triton's own binder, kept per kernel in
+    ``binders``)."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = binders.get(id(fn))
+    if binder is None:
+        binder = binders[id(fn)] = create_function_from_signature(fn.signature, fn.params,
+                                                                  backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    return (bound, *fn._pack_args(backend, kwargs, bound, spec, opts))
+
+
 class capture(contextlib.ContextDecorator):
     """Within the block, Triton kernel launches are recorded (for ``target``), not run."""
 
@@ -95,7 +114,7 @@ class capture(contextlib.ContextDecorator):
 
     def __enter__(self):
         from triton.compiler import make_backend
-        from triton.runtime.jit import JITFunction, create_function_from_signature
+        from triton.runtime.jit import JITFunction
 
         from .ops import configs, fused_linear, grad_x
 
@@ -104,19 +123,8 @@ class capture(contextlib.ContextDecorator):
         recorder = self
 
         def record(fn, *args, grid, warmup, **kwargs):
-            from triton import knobs
-
-            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
-                kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-            binder = binders.get(id(fn))
-            if binder is None:
-                binder = binders[id(fn)] = create_function_from_signature(
-                    fn.signature, fn.params, backend)
-            bound, spec, opts = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec,
-                                                                  opts)
+            bound, options, signature, constexprs, attrs = bind_launch(fn, backend, binders,
+                                                                       args, kwargs)
             grid = grid(bound) if callable(grid) else grid
             recorder.launches.append(Launch(
                 kernel=fn.fn.__name__, module=fn.fn.__module__, signature=dict(signature),

@@ -36,24 +36,14 @@ RUNS = {"v1": ("982014a", "benchmarks/results/h200/gpu_forward_v1.json"),
         "v3": ("604a04b", "benchmarks/results/h200/gpu_forward_v3.json")}
 
 
-def _recorder(backend, launches):
-    """A ``JITFunction.run`` that records the launch as the JIT would specialize it."""
-    from triton import knobs
-    from triton.runtime.jit import create_function_from_signature
-
-    binders = {}
+def _recorder(backend, launches, bind_launch):
+    """A ``JITFunction.run`` that records the launch as the JIT would specialize it
+    (:func:`tinylora_kernels.compile_check.bind_launch`)."""
+    binders: dict = {}
 
     def record(fn, *args, grid, warmup, **kwargs):
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
-            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        binder = binders.get(id(fn))
-        if binder is None:
-            binder = binders[id(fn)] = create_function_from_signature(fn.signature, fn.params,
-                                                                      backend)
-        bound, spec, opts = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        bound, options, signature, constexprs, attrs = bind_launch(fn, backend, binders, args,
+                                                                   kwargs)
         launches.append({"fn": fn, "signature": dict(signature), "constexprs": dict(constexprs),
                          "attrs": dict(attrs), "options": options,
                          "grid": [int(g) for g in (grid(bound) if callable(grid) else grid)]})
@@ -77,31 +67,38 @@ def _read_launch(launch, target, sass_stats) -> dict:
             "sass": stats}
 
 
+def _load_own(name: str):
+    """This checkout's ``tinylora_kernels/<name>.py``, loaded by path (``tinylora_kernels`` is
+    the worktree's package in :func:`rebuild`'s process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"_own_{name}", os.path.join(ROOT, "tinylora_kernels", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def rebuild(worktree: str, results: str) -> list:
     """Every row of ``results`` rebuilt with the package in ``worktree`` (run in a fresh process:
     the worktree's package is imported as ``tinylora_kernels``)."""
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, worktree)
-    import importlib.util
-
     import bitsandbytes.functional as bnbF
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
 
-    spec = importlib.util.spec_from_file_location(
-        "_static_report", os.path.join(ROOT, "tinylora_kernels", "static_report.py"))
-    report = importlib.util.module_from_spec(spec)
-    sys.modules["_static_report"] = report
-    spec.loader.exec_module(report)
+    report, check = (_load_own(name) for name in ("static_report", "compile_check"))
     from tinylora_kernels.nf4 import NF4Weight
     from tinylora_kernels.ops import fused_linear as FL
     from tinylora_kernels.torch_path import AdapterFactors
 
     target = GPUTarget("cuda", 90, 32)
     launches: list = []
-    JITFunction.run = _recorder(make_backend(target), launches)
+    JITFunction.run = _recorder(make_backend(target), launches, check.bind_launch)
     FL.check_supported = lambda *a, **k: None            # CPU tensors: recorded, never run
     gen = torch.Generator().manual_seed(0)
     weights, out = {}, []
