@@ -360,3 +360,18 @@ def test_an_adapter_buffer_written_between_two_generates_is_seen():
         want = copy.deepcopy(model).generate(ids, **kw)
     assert not torch.equal(torch.stack(got.logits), torch.stack(first.logits))
     assert torch.equal(torch.stack(got.logits), torch.stack(want.logits))
+
+
+@pytest.mark.parametrize("k", [64, 2048, 11008])
+def test_the_folded_operand_has_the_same_bits_batched_or_not(k):
+    """Aᵀ Rᵀ of one layer is bit for bit the same formed alone, for a batch of layers, or for
+    a batch of adapters on one A (some CPUs' BLAS rounds a matrix product and a batched one
+    differently: a model's batched later calls then disagreed with its first call)."""
+    from tinylora_kernels.torch_path import folded_operand
+
+    gen = torch.Generator().manual_seed(k)
+    at, rt = torch.randn(5, k, 2, generator=gen), torch.randn(5, 2, 2, generator=gen)
+    batched, shared_a = folded_operand(at, rt), folded_operand(at[0], rt)
+    for i in range(5):
+        assert torch.equal(folded_operand(at[i], rt[i]), batched[i])
+        assert torch.equal(folded_operand(at[0], rt[i]), shared_a[i])

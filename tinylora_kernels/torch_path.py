@@ -473,11 +473,11 @@ def add_adapter_rows(base: torch.Tensor, x: torch.Tensor, consts: LayerConstants
 
 
 def folded_operand(at: torch.Tensor, Rt: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ Rᵀ``: at (K, r) or (G, K, r), Rt (r, r) or (G, r, r) -> (K, r) or (G, K, r) (the
-    entries of a batched product round as the plain product of one)."""
-    if at.dim() == 2 and Rt.dim() == 2:
-        return at @ Rt
-    at3 = at if at.dim() == 3 else at.unsqueeze(0)
-    rt3 = Rt if Rt.dim() == 3 else Rt.unsqueeze(0)
-    g = max(at3.shape[0], rt3.shape[0])
-    return torch.bmm(at3.expand(g, -1, -1), rt3.expand(g, -1, -1))
+    """``Aᵀ Rᵀ``: at (K, r) or (G, K, r), Rt (r, r) or (G, r, r) -> (K, r) or (G, K, r).
+
+    Formed element-wise (products, then a sum over the r of them in order), not by a matrix
+    product: BLAS rounds a product and a batched product of the same entries differently on
+    some CPUs (fused multiply-adds in one, not the other), and every entry here must have the
+    same bits however many layers or adapters are formed at once — a model's later calls (one
+    batch for all its layers) must answer exactly as its first and as a fresh copy."""
+    return (at.unsqueeze(-1) * Rt.unsqueeze(-3)).sum(-2)
