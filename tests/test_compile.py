@@ -72,3 +72,44 @@ def test_the_adapter_keeps_the_main_loop_software_pipelined(tmp_path):
     assert sorted(k for k, _, _ in loops) == ["_fused_linear_kernel", "_grad_x_kernel"]
     for kernel, nested, async_copies in loops:
         assert nested == 0 and async_copies > 0, (kernel, nested, async_copies)
+
+
+_GEMV_LOOP = r'''
+import json, torch
+from tinylora_kernels.compile_check import capture, compile_all, random_nf4, _factors
+from tinylora_kernels.ops.configs import gemv_config
+from tinylora_kernels.ops.custom_ops import kernel_forward
+from tinylora_kernels.static_report import sass_stats
+gen = torch.Generator().manual_seed(0)
+w, f = random_nf4(512, 2048, True, gen=gen), _factors(512, 2048, 2, gen)
+out = {}
+for m in (1, 4):
+    for name, factors in (("adapter", f), ("bare", None)):
+        with capture("sm_90") as cap:
+            kernel_forward("gemv", torch.randn(m, 2048).bfloat16(), w, None, factors,
+                           out_dtype=torch.bfloat16, config=gemv_config(512, 2048))
+        for c in compile_all(cap.launches, "sm_90", 1):
+            if c.launch.kernel == "_nf4_gemv_kernel":
+                loop = sass_stats(c.cubin)["k_loop"]
+                out[f"{name}:{m}"] = [loop["barriers"], loop["shuffles"], loop["shared_accesses"]]
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_the_gemv_weight_loop_holds_nothing_of_the_adapter(tmp_path):
+    """The GEMV's weight loop synchronizes its threads no more with the adapter than without:
+    A x is accumulated per element in a loop of its own and reduced once (a block-wide sum per
+    step and row of x inside the weight loop made every step wait on barriers and shuffles)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _GEMV_LOOP], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    for m in (1, 4):
+        assert loops[f"adapter:{m}"] == loops[f"bare:{m}"], loops

@@ -11,9 +11,11 @@ Shaped for bandwidth rather than for tensor cores:
   (``Σ_b s_b Σ_j l_j x_j``), fp32 throughout — the weight is never rounded to 16 bits, so this
   is at least as exact as decoding; the per-block sums stay in their block slot across steps
   and are reduced once, after the loop;
-* the adapter is folded in: the same x slice gives this slice's share of ``A x`` (r numbers per
-  row of x), which meets ``B R`` (N x r, fp32, one small product per call) in the
-  same program — no extra launch, no extra pass over the output;
+* the adapter is folded in: after the weight loop, a short loop over the same K slice gives the
+  slice's share of ``A x`` (r numbers per row of x; products kept per element, reduced across
+  threads once), which meets ``B R`` (N x r, fp32, one small product per call) in the same
+  program — no extra launch, no extra pass over the output, and nothing of the adapter in the
+  weight loop;
 * slices are summed in a fixed order by a second small kernel (deterministic: same input, same
   bits); with one slice the GEMV kernel writes the output itself.
 """
@@ -51,7 +53,7 @@ def _nf4_gemv_kernel(
     BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-    EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr, BKA: tl.constexpr,
 ):
     """Rows pid_n*BN.., K slice pid_k: acc[n, m] = Σ_k W[n, k] x[m, k] (+ BR[n] · A x[m]).
 
@@ -72,8 +74,6 @@ def _nf4_gemv_kernel(
     rb = tl.arange(0, NB)
     rj = tl.arange(0, 32)
     cols = tl.arange(0, M_PAD)
-    rr = tl.arange(0, R_PAD)
-    mask_r = rr < RANK
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(K, k_lo + K_SLICE)
     # byte offsets of one step within the rows' K range: (NB, 32), and the x pairs: (NB, 32, 2)
@@ -81,7 +81,7 @@ def _nf4_gemv_kernel(
     xcol = (2 * step_bytes)[:, :, None] + tl.arange(0, 2)[None, None, :]
 
     acc = tl.zeros((BN, NB, M_PAD), dtype=tl.float32)
-    ax = tl.zeros((M_PAD, R_PAD), dtype=tl.float32)
+    ax = tl.zeros((M_PAD, R_PAD), dtype=tl.float32)        # A x of this slice (adapter only)
     for k0 in range(k_lo, k_hi, 2 * BKH):
         # K slices and K are whole blocks: masks are per block (uniform over its 32 bytes, so
         # each thread's bytes still load as one vector), and none at all with EVEN_K
@@ -100,11 +100,6 @@ def _nf4_gemv_kernel(
                             BLOCKSIZE2, DOUBLE_QUANT)                # (BN, NB): once per block
         kx = k0 + xcol                                               # (NB, 32, 2)
         mask_kx = in_k[:, None, None] & (xcol >= 0)
-        if HAS_ADAPTER:
-            a_pairs = tl.load(a_ptr + rr[:, None, None, None] * stride_an
-                              + kx[None, :, :, :] * stride_ak,
-                              mask=mask_r[:, None, None, None] & mask_kx[None, :, :, :],
-                              other=0.0).to(tl.float32)              # (R_PAD, NB, 32, 2)
         for m in tl.static_range(M_PAD):
             # (the row test as a tensor of kx's shape: a scalar operand gives the mask a dtype
             # that Triton 3.9's interpreter refuses)
@@ -115,14 +110,38 @@ def _nf4_gemv_kernel(
             per_byte = lev_even * x_even[None, :, :] + lev_odd * x_odd[None, :, :]
             per_block = tl.sum(per_byte, axis=2) * scale             # (BN, NB)
             acc += tl.where(cols[None, None, :] == m, per_block[:, :, None], 0.0)
-            if HAS_ADAPTER:
-                ax_m = tl.sum(tl.sum(tl.sum(a_pairs * xp[None, :, :, :], axis=3), axis=2),
-                              axis=1)                                # (R_PAD,)
-                ax += tl.where(cols[:, None] == m, ax_m[None, :], 0.0)
 
     out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
+    if HAS_ADAPTER:
+        ax = _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
+                       M_PAD, RANK, R_PAD, BKA)
     _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
                 RANK, R_PAD, M_PAD, HAS_ADAPTER, HAS_BIAS, DIRECT, ROW_ADAPTERS)
+
+
+@triton.jit
+def _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
+              M_PAD: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
+              BKA: tl.constexpr):
+    """A x over the K slice [k_lo, k_hi): (M_PAD, R_PAD) fp32. Products accumulate element-wise
+    in a (M_PAD, R_PAD, BKA) tile and are reduced across threads ONCE, after the loop: no
+    cross-thread sum, barrier or shuffle per step (summed inside the weight loop, A x cost a
+    block-wide reduction per step and row of x, a dependent chain that held every step back)."""
+    # (A and x are loaded straight into the 3-D tile's shape, (1, R_PAD, BKA) and
+    # (M_PAD, 1, BKA): 2-D loads broadcast into it went through shared memory every step)
+    rm = tl.arange(0, M_PAD)[:, None, None]
+    rr = tl.arange(0, R_PAD)[None, :, None]
+    rk = tl.arange(0, BKA)[None, None, :]
+    part = tl.zeros((M_PAD, R_PAD, BKA), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BKA):
+        kk = k0 + rk
+        in_k = kk < k_hi
+        a = tl.load(a_ptr + rr * stride_an + kk * stride_ak, mask=(rr < RANK) & in_k,
+                    other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + rm * stride_xm + kk * stride_xk, mask=(rm < M) & in_k,
+                     other=0.0).to(tl.float32)
+        part += xv * a
+    return tl.sum(part, axis=2)
 
 
 @triton.jit
@@ -197,6 +216,13 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return table
 
 
+def _ax_width(m: int, interpreted: bool) -> int:
+    """K columns per step of the A x loop: (M_PAD x r x BKA) fp32 products held per CTA, ~16
+    registers per thread at 4 warps (under the interpreter 128, wider than the tests' 64-column
+    slices, so the K mask of a part-filled step is exercised)."""
+    return 128 if interpreted else 1024 // triton.next_power_of_2(m)
+
+
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
              factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
              config: Optional[GemvConfig] = None,
@@ -240,7 +266,8 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
         R_PAD=triton.next_power_of_2(max(rank, 1)), BLOCKSIZE2=weight.blocksize2,
         DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
         HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
-        ROW_ADAPTERS=row_codes is not None, num_warps=cfg.num_warps)
+        ROW_ADAPTERS=row_codes is not None, BKA=_ax_width(m, interpreting()),
+        num_warps=cfg.num_warps)
     if not direct:
         block = 1024 if not interpreting() else 64
         _sum_slices_kernel[(triton.cdiv(m * n, block),)](
