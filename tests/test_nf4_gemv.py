@@ -44,21 +44,22 @@ def _f64(x, w, f, b):
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split,prefetch", [(1, False), (3, False), (1, True), (3, True)],
+                         ids=["split1", "split3", "split1-prefetch", "split3-prefetch"])
 @pytest.mark.parametrize("m", [1, 3, 4])
 @pytest.mark.parametrize("n,k", [(40, 192), (33, 320)], ids=["40x192", "33x320"])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
 @pytest.mark.parametrize("bias,adapter", [(True, True), (False, False)],
                          ids=["bias+adapter", "bare"])
-def test_gemv_vs_float64(split, m, n, k, dtype, dq, bias, adapter, rng):
+def test_gemv_vs_float64(split, prefetch, m, n, k, dtype, dq, bias, adapter, rng):
     from tinylora_kernels.ops.configs import GemvConfig
     from tinylora_kernels.ops.nf4_gemv import nf4_gemv
     from tinylora_kernels.reference import tinylora_linear_reference
 
     dt = DTYPES[dtype]
     x, w, b, f = _problem(n, k, m, dt, dq, bias, adapter, rng)
-    cfg = GemvConfig(BN=16, BKH=32, split=split, num_warps=1)
+    cfg = GemvConfig(BN=16, BKH=32, split=split, num_warps=1, prefetch=prefetch)
     out = torch.full((m, n), float("nan"), dtype=dt, device=KERNEL_DEVICE)
     y = nf4_gemv(x, w, b, f, out_dtype=dt, config=cfg, out=out)
     assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()

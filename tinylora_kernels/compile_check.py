@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -229,11 +230,14 @@ def planned_calls(matrix: str = "full") -> Iterator[Tuple[str, callable]]:
         tag = f"{sname} {shape_name} {str(act)[6:]} bias={bias_on} adapter={adapter_on}"
         for m in (gemv_ms if not quick else [1, 4]):
             x = torch.randn(m, k).to(act)
-            for split in ((None, 1) if not quick else (None,)):
+            # the planned shape, one K slice, and the planned shape with the register prefetch
+            for variant in (("planned", "split1", "prefetch") if not quick else
+                            ("planned", "prefetch")):
                 cfg = gemv_config(n, k)
-                if split == 1:
-                    cfg = type(cfg)(BN=cfg.BN, BKH=cfg.BKH, split=1, num_warps=cfg.num_warps)
-                yield (f"gemv {tag} M={m} split={cfg.split}",
+                if variant != "planned":
+                    cfg = dataclasses.replace(cfg, **({"split": 1} if variant == "split1" else
+                                                      {"prefetch": True}))
+                yield (f"gemv {tag} M={m} split={cfg.split} prefetch={cfg.prefetch}",
                        functools.partial(kernel_forward, "gemv", x, w, bias, f, out_dtype=act,
                                          config=cfg))
         for m in (fused_ms if not quick else [16]):

@@ -12,10 +12,13 @@ from .timing import environment, graph_time, measure, measure_ceilings, timing_m
 
 
 def gemv_sweep(model: str = "qwen2.5-coder-3b", ms=(1, 4), bns=(16, 32), bkhs=(128, 256),
-               splits=(1, 2, 4, 8), warps=(4,), layers=None, device: str = "cuda") -> dict:
+               splits=(1, 2, 4, 8), warps=(4,), layers=None, device: str = "cuda",
+               prefetches=(False, True)) -> dict:
     """Time every GEMV launch shape on the linears of ``model`` (CUDA graphs, adapter on) against
     the byte floor, to fill :func:`~tinylora_kernels.ops.configs.gemv_config` from measurement.
-    The default config's row is marked; each (layer, M) names its fastest shape (``best`` and the
+    ``prefetches``: the GEMV with and without its two-stage register prefetch
+    (:class:`~tinylora_kernels.ops.configs.GemvConfig`). The default config's row is marked;
+    each (layer, M) names its fastest shape (``best`` and the
     summary). (On a CPU, under the interpreter, it runs on the wall clock: a check of the
     machinery, not a measurement.)"""
     from ..nf4 import NF4Weight
@@ -36,8 +39,9 @@ def gemv_sweep(model: str = "qwen2.5-coder-3b", ms=(1, 4), bns=(16, 32), bkhs=(1
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             floor = (n * k * NF4_BYTES_PER_WEIGHT + 2 * m * (n + k)) / (ceilings["copy_GBps"] * 1e3)
             default = gemv_config(n, k)
-            for bn, bkh, split, nw in itertools.product(bns, bkhs, splits, warps):
-                cfg = GemvConfig(BN=bn, BKH=bkh, split=split, num_warps=nw)
+            for bn, bkh, split, nw, pf in itertools.product(bns, bkhs, splits, warps,
+                                                             prefetches):
+                cfg = GemvConfig(BN=bn, BKH=bkh, split=split, num_warps=nw, prefetch=pf)
                 out = torch.empty(m, n, dtype=dtype, device=device)
 
                 def fn(cfg=cfg, out=out, x=x):
@@ -60,7 +64,7 @@ def gemv_sweep(model: str = "qwen2.5-coder-3b", ms=(1, 4), bns=(16, 32), bkhs=(1
                   "time_over_floor": r["providers"]["nf4_gemv"]["median_us"] / r["floor_us"]}
                  for r in best.values()]
     summary = [f"{b['layer']} M={b['M']}: fastest BN={b['BN']} BKH={b['BKH']} split={b['split']} "
-               f"warps={b['num_warps']}, {b['median_us']:.1f} µs = {b['time_over_floor']:.2f}x "
+               f"warps={b['num_warps']} prefetch={b['prefetch']}, {b['median_us']:.1f} µs = {b['time_over_floor']:.2f}x "
                "the floor" for b in best_rows]
     return result(
         "gemv-sweep", f"NF4 GEMV launch shapes on {model}'s linears (adapter on)", device,

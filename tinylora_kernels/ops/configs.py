@@ -95,12 +95,16 @@ GEMV_MAX_M = 4
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape of the NF4 GEMV: BN rows x BKH packed bytes per step, K in ``split`` slices."""
+    """Launch shape of the NF4 GEMV: BN rows x BKH packed bytes per step, K in ``split`` slices;
+    ``prefetch``: each step first loads the next step's bytes and scales (two stages in
+    registers: their memory latency overlaps the step's work, for ~20 % more instructions per
+    step on sm_90). Off by default until a GPU measures it (``bench --gemv-sweep`` times both)."""
 
     BN: int
     BKH: int
     split: int
     num_warps: int = 4
+    prefetch: bool = False
 
 
 def gemv_config(n: int, k: int, sms: int = 132) -> GemvConfig:

@@ -32,7 +32,7 @@ from ..nf4 import NF4Weight
 from ..torch_path import AdapterFactors
 from . import interpreting
 from .configs import GEMV_MAX_M, GemvConfig, gemv_config
-from .tiles import block_scale, nf4_pointer_args
+from .tiles import nf4_pointer_args
 
 __all__ = ["nf4_gemv"]
 
@@ -54,6 +54,7 @@ def _nf4_gemv_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
     EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr, BKA: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Rows pid_n*BN.., K slice pid_k: acc[n, m] = Σ_k W[n, k] x[m, k] (+ BR[n] · A x[m]).
 
@@ -82,34 +83,29 @@ def _nf4_gemv_kernel(
 
     acc = tl.zeros((BN, NB, M_PAD), dtype=tl.float32)
     ax = tl.zeros((M_PAD, R_PAD), dtype=tl.float32)        # A x of this slice (adapter only)
-    for k0 in range(k_lo, k_hi, 2 * BKH):
-        # K slices and K are whole blocks: masks are per block (uniform over its 32 bytes, so
-        # each thread's bytes still load as one vector), and none at all with EVEN_K
-        if EVEN_K:
-            in_k = rb >= 0
+    step = 2 * BKH
+    if PREFETCH:
+        byte, s_raw, s_group = _step_loads(packed_ptr, absmax_ptr, absmax2_ptr, rn64, mask_n,
+                                           rb, step_bytes, k_lo, k_hi, K, KH, BLOCKSIZE2,
+                                           DOUBLE_QUANT, EVEN_K)
+    for k0 in range(k_lo, k_hi, step):
+        if PREFETCH:
+            # the NEXT step's weight bytes and block scales are loaded first, so that their
+            # memory latency overlaps this step's work (two stages in registers; Triton
+            # pipelines only loops that feed tl.dot). The last step loads itself again, unused.
+            k_next = tl.maximum(k_lo, tl.minimum(k0 + step, k_hi - step))
+            byte_n, s_raw_n, s_group_n = _step_loads(packed_ptr, absmax_ptr, absmax2_ptr, rn64,
+                                                     mask_n, rb, step_bytes, k_next, k_hi, K,
+                                                     KH, BLOCKSIZE2, DOUBLE_QUANT, EVEN_K)
         else:
-            in_k = (k0 + 64 * rb) < k_hi                             # (NB,)
-        mask_b = mask_n[:, None] & in_k[None, :]                     # (BN, NB)
-        b_ptrs = packed_ptr + rn64[:, None, None] * KH + (k0 // 2 + step_bytes)[None, :, :]
-        byte = tl.load(b_ptrs, mask=mask_b[:, :, None], other=0)
-        pair = tl.load(pair_ptr + byte.to(tl.int32))                 # (BN, NB, 32) int64
-        lev_even = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        lev_odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        blk = rn64[:, None] * (K // 64) + (k0 // 64 + rb)[None, :]
-        scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask_b,
-                            BLOCKSIZE2, DOUBLE_QUANT)                # (BN, NB): once per block
-        kx = k0 + xcol                                               # (NB, 32, 2)
-        mask_kx = in_k[:, None, None] & (xcol >= 0)
-        for m in tl.static_range(M_PAD):
-            # (the row test as a tensor of kx's shape: a scalar operand gives the mask a dtype
-            # that Triton 3.9's interpreter refuses)
-            mask_x = mask_kx & ((kx * 0 + m) < M)
-            xp = tl.load(x_ptr + m * stride_xm + kx * stride_xk, mask=mask_x,
-                         other=0.0).to(tl.float32)                   # (NB, 32, 2)
-            x_even, x_odd = tl.split(xp)
-            per_byte = lev_even * x_even[None, :, :] + lev_odd * x_odd[None, :, :]
-            per_block = tl.sum(per_byte, axis=2) * scale             # (BN, NB)
-            acc += tl.where(cols[None, None, :] == m, per_block[:, :, None], 0.0)
+            byte, s_raw, s_group = _step_loads(packed_ptr, absmax_ptr, absmax2_ptr, rn64,
+                                               mask_n, rb, step_bytes, k0, k_hi, K, KH,
+                                               BLOCKSIZE2, DOUBLE_QUANT, EVEN_K)
+        acc = _step_sums(acc, byte, s_raw, s_group, x_ptr, code2_ptr, offset_ptr, pair_ptr, rb,
+                         xcol, cols, k0, k_hi, M, stride_xm, stride_xk, M_PAD, DOUBLE_QUANT,
+                         EVEN_K)
+        if PREFETCH:
+            byte, s_raw, s_group = byte_n, s_raw_n, s_group_n
 
     out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
     if HAS_ADAPTER:
@@ -117,6 +113,65 @@ def _nf4_gemv_kernel(
                        M_PAD, RANK, R_PAD, BKA)
     _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
                 RANK, R_PAD, M_PAD, HAS_ADAPTER, HAS_BIAS, DIRECT, ROW_ADAPTERS)
+
+
+@triton.jit
+def _step_sums(acc, byte, s_raw, s_group, x_ptr, code2_ptr, offset_ptr, pair_ptr, rb, xcol,
+               cols, k0, k_hi, M, stride_xm, stride_xk, M_PAD: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+    """``acc`` (BN, NB, M_PAD) plus one step's per-block sums Σ level x, scaled, for every row
+    of x, from the step's loaded bytes and raw scales (:func:`_step_loads`)."""
+    if EVEN_K:
+        in_k = rb >= 0
+    else:
+        in_k = (k0 + 64 * rb) < k_hi                         # (NB,)
+    pair = tl.load(pair_ptr + byte.to(tl.int32))             # (BN, NB, 32) int64
+    lev_even = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    lev_odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    if DOUBLE_QUANT:
+        # multiply then add, separately rounded (the launch disables FMA contraction), as
+        # bitsandbytes decodes it
+        scale = tl.load(code2_ptr + s_raw) * s_group + tl.load(offset_ptr)
+    else:
+        scale = s_raw                                        # (BN, NB): once per block
+    kx = k0 + xcol                                           # (NB, 32, 2)
+    mask_kx = in_k[:, None, None] & (xcol >= 0)
+    for m in tl.static_range(M_PAD):
+        # (the row test as a tensor of kx's shape: a scalar operand gives the mask a dtype
+        # that Triton 3.9's interpreter refuses)
+        mask_x = mask_kx & ((kx * 0 + m) < M)
+        xp = tl.load(x_ptr + m * stride_xm + kx * stride_xk, mask=mask_x,
+                     other=0.0).to(tl.float32)               # (NB, 32, 2)
+        x_even, x_odd = tl.split(xp)
+        per_byte = lev_even * x_even[None, :, :] + lev_odd * x_odd[None, :, :]
+        per_block = tl.sum(per_byte, axis=2) * scale         # (BN, NB)
+        acc += tl.where(cols[None, None, :] == m, per_block[:, :, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _step_loads(packed_ptr, absmax_ptr, absmax2_ptr, rn64, mask_n, rb, step_bytes, k0, k_hi, K,
+                KH, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The memory reads of one GEMV step at K offset ``k0``, nothing computed from them: the
+    packed bytes (BN, NB, 32) and the blocks' raw scales — (absmax code uint8 as int32, its
+    group's absmax2) with double quantization, else (absmax, absmax)."""
+    # K slices and K are whole blocks: masks are per block (uniform over its 32 bytes, so each
+    # thread's bytes still load as one vector), and by row only with EVEN_K
+    if EVEN_K:
+        in_k = rb >= 0
+    else:
+        in_k = (k0 + 64 * rb) < k_hi                                 # (NB,)
+    mask_b = mask_n[:, None] & in_k[None, :]                         # (BN, NB)
+    b_ptrs = rn64[:, None, None] * KH + (k0 // 2 + step_bytes)[None, :, :]
+    byte = tl.load(packed_ptr + b_ptrs, mask=mask_b[:, :, None], other=0)
+    blk = rn64[:, None] * (K // 64) + (k0 // 64 + rb)[None, :]
+    if DOUBLE_QUANT:
+        raw = tl.load(absmax_ptr + blk, mask=mask_b, other=0).to(tl.int32)
+        group = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask_b, other=0.0)
+    else:
+        raw = tl.load(absmax_ptr + blk, mask=mask_b, other=0.0).to(tl.float32)
+        group = raw
+    return byte, raw, group
 
 
 @triton.jit
@@ -267,7 +322,7 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
         DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
         HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
         ROW_ADAPTERS=row_codes is not None, BKA=_ax_width(m, interpreting()),
-        num_warps=cfg.num_warps)
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
     if not direct:
         block = 1024 if not interpreting() else 64
         _sum_slices_kernel[(triton.cdiv(m * n, block),)](
