@@ -103,3 +103,32 @@ def test_layer_routes_decode_to_the_gemv_and_trains_through_it(m, rng):
         ex, ev = torch.autograd.grad(y_ref, (x, gp.global_v), torch.ones_like(y_ref))
     torch.testing.assert_close(gx, ex, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gv, ev, rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_reduces_in_one_launch_and_leaves_its_counts_at_zero(rng):
+    """Split over K, the GEMV is one launch: the slice that finishes last for a row tile sums
+    the slices (in order: the same bits as one slice at a time) and sets its count back to zero,
+    so the next call, of any shape, starts clean."""
+    from tinylora_kernels.ops import nf4_gemv as G
+    from tinylora_kernels.ops.configs import GemvConfig
+
+    launched = []
+    real = G._nf4_gemv_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    G._nf4_gemv_kernel = Counting()
+    try:
+        for n, k, split in ((40, 320, 3), (72, 192, 2)):
+            x, w, b, f = _problem(n, k, 2, torch.float32, True, True, True, rng)
+            cfg = GemvConfig(BN=16, BKH=32, split=split, num_warps=1)
+            y = G.nf4_gemv(x, w, b, f, out_dtype=torch.float32, config=cfg)
+            truth = _f64(x, w, f, b)
+            assert (y.double() - truth).abs().max().item() < 1e-3
+            assert all(int(c.abs().sum()) == 0 for c in G._COUNTS.values())
+    finally:
+        G._nf4_gemv_kernel = real
+    assert len(launched) == 2 and [g[1] for g in launched] == [3, 2]

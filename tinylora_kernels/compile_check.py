@@ -344,6 +344,10 @@ def _compile_one(launch: Launch, target: str) -> Compiled:
                         shared=int(getattr(kernel.metadata, "shared", 0)))
     except Exception as exc:                               # reported, not raised
         text = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None:            # (Triton's message names the line; the cause, why)
+            text += f"\n  caused by {type(cause).__name__}: {cause}"
+            cause = cause.__cause__ or cause.__context__
         return Compiled(launch, target, False, error=text, seconds=time.perf_counter() - t0)
 
 

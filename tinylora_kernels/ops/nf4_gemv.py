@@ -16,8 +16,10 @@ Shaped for bandwidth rather than for tensor cores:
   threads once), which meets ``B R`` (N x r, fp32, one small product per call) in the same
   program — no extra launch, no extra pass over the output, and nothing of the adapter in the
   weight loop;
-* slices are summed in a fixed order by a second small kernel (deterministic: same input, same
-  bits); with one slice the GEMV kernel writes the output itself.
+* split over K, each slice stores fp32 partial sums and the slice that finishes last for its
+  rows (an arrival count per row tile) adds them in slice order and writes the output — one
+  launch per call, and deterministic (same input, same bits); with one slice the GEMV kernel
+  writes the output directly.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ __all__ = ["nf4_gemv"]
 
 @triton.jit
 def _nf4_gemv_kernel(
-    # pointers: input, partial sums (SPLIT, M, N) fp32 or the output, bias
-    x_ptr, out_ptr, bias_ptr,
+    # pointers: input, partial sums (SPLIT, M, N) fp32 (or the output, DIRECT), the output,
+    # bias, and one int32 arrival count per row tile (zero between launches; split K only)
+    x_ptr, out_ptr, y_ptr, bias_ptr, count_ptr,
     # pointers: the NF4 weight; pair_ptr: 256 int64, byte b -> (level[b >> 4], level[b & 15])
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pair_ptr,
     # pointers: the adapter, A (r, K) and BR = B R (N, r) fp32 (ROW_ADAPTERS: (n, N, r), one
@@ -111,8 +114,10 @@ def _nf4_gemv_kernel(
     if HAS_ADAPTER:
         ax = _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
                        M_PAD, RANK, R_PAD, BKA)
-    _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
-                RANK, R_PAD, M_PAD, HAS_ADAPTER, HAS_BIAS, DIRECT, ROW_ADAPTERS)
+    out = _adapter_epilogue(out, ax, br_ptr, rows_ptr, rn, mask_n, M, N, RANK, R_PAD, M_PAD,
+                            HAS_ADAPTER, ROW_ADAPTERS)
+    _gemv_store(out, out_ptr, y_ptr, bias_ptr, count_ptr, rn, mask_n, M, N, pid_n, pid_k, BN,
+                M_PAD, HAS_BIAS, DIRECT)
 
 
 @triton.jit
@@ -200,17 +205,15 @@ def _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stri
 
 
 @triton.jit
-def _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, pid_k,
-                RANK: tl.constexpr, R_PAD: tl.constexpr, M_PAD: tl.constexpr,
-                HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
-                ROW_ADAPTERS: tl.constexpr):
-    """The GEMV's epilogue: add this slice's share of (B R)(A x) to ``out`` (BN, M_PAD) (``ax``
-    (M_PAD, R_PAD): A x of the slice), then store it: into the output with the bias
-    (``DIRECT``), or into slice ``pid_k``'s fp32 partial sums."""
-    rn64 = rn.to(tl.int64)
-    cols = tl.arange(0, M_PAD)
+def _adapter_epilogue(out, ax, br_ptr, rows_ptr, rn, mask_n, M, N, RANK: tl.constexpr,
+                      R_PAD: tl.constexpr, M_PAD: tl.constexpr, HAS_ADAPTER: tl.constexpr,
+                      ROW_ADAPTERS: tl.constexpr):
+    """``out`` (BN, M_PAD) plus this slice's share of (B R)(A x) (``ax`` (M_PAD, R_PAD): A x of
+    the slice) when there is an adapter."""
     if HAS_ADAPTER:
-        # this slice's share of (B R)(A x): BR (BN, r) against A x (M, r)
+        # BR (BN, r) against A x (M, r)
+        rn64 = rn.to(tl.int64)
+        cols = tl.arange(0, M_PAD)
         rr = tl.arange(0, R_PAD)
         mask_r = rr < RANK
         br_offs = rn64[:, None] * RANK + rr[None, :]
@@ -223,30 +226,64 @@ def _gemv_store(out, ax, out_ptr, bias_ptr, br_ptr, rows_ptr, rn, mask_n, M, N, 
             ax_m = tl.sum(tl.where(cols[:, None] == m, ax, 0.0), axis=0)   # (R_PAD,)
             part = tl.sum(br * ax_m[None, :], axis=1)
             out += tl.where(cols[None, :] == m, part[:, None], 0.0)
-    mask_out = mask_n[:, None] & (cols < M)[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + cols[None, :].to(tl.int64) * N + rn64[:, None],
-                 out.to(out_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        base = pid_k.to(tl.int64) * M * N
-        tl.store(out_ptr + base + cols[None, :].to(tl.int64) * N + rn64[:, None], out,
-                 mask=mask_out)
+    return out
 
 
 @triton.jit
-def _sum_slices_kernel(part_ptr, out_ptr, bias_ptr, MN, N, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out = Σ_s part[s] (+ bias), the slices added in order 0, 1, ... (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        total += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+def _gemv_store(out, part_ptr, y_ptr, bias_ptr, count_ptr, rn, mask_n, M, N, pid_n, pid_k,
+                BN: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                DIRECT: tl.constexpr):
+    """Store the slice's sums ``out`` (BN, M_PAD): with one slice (``DIRECT``) into the output
+    with the bias. Split over K, into slice ``pid_k``'s fp32 partial sums; then the slice that
+    arrives last at its row tile's count adds every slice's partial sums in the order 0, 1, ...
+    (the same bits whichever finishes last), adds the bias, writes the output and sets the count
+    back to zero: no second launch."""
+    rn64 = rn.to(tl.int64)
+    cols = tl.arange(0, M_PAD)
+    mask_out = mask_n[:, None] & (cols < M)[None, :]
+    offs = cols[None, :].to(tl.int64) * N + rn64[:, None]
+    if DIRECT:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        split = tl.num_programs(1)
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask_out)
+        # every thread's stores before the count; the count's release/acquire orders them
+        # against the last slice's loads (which skip L1, filled before the other SMs wrote)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            total = tl.zeros((BN, M_PAD), dtype=tl.float32)
+            slice_ptrs = part_ptr + offs
+            for _ in range(0, split):
+                total += tl.load(slice_ptrs, mask=mask_out, other=0.0, cache_modifier=".cg")
+                slice_ptrs += M * N
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask_out)
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+#: (device, stream) -> int32 arrival counts, zero between launches (each launch resets its own)
+_COUNTS: dict = {}
+
+
+def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counts for ``tiles`` row tiles, kept per device and stream (launches on one
+    stream run in order, so they can share them; another stream gets its own). Under CUDA graph
+    capture a fresh zeroed buffer is captured with the graph instead."""
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        key = (device.type, device.index, stream.cuda_stream)
+    else:
+        key = (device.type, device.index, 0)
+    counts = _COUNTS.get(key)
+    if counts is None or counts.numel() < tiles:
+        counts = _COUNTS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counts
 
 
 #: code tensor -> its pair table; the levels are frozen with the weight (kept by identity)
@@ -308,11 +345,13 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     k_slice = step * triton.cdiv(triton.cdiv(k, cfg.split), step)
     split = triton.cdiv(k, k_slice)
     direct = split == 1
-    target = out if direct else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    parts = out if direct else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(n, cfg.BN)
+    counts = parts if direct else _arrival_counts(x.device, tiles)
     A = factors.A if factors is not None else out
     packed, absmax, absmax2, code2, offset, code = nf4_pointer_args(weight, out)
-    _nf4_gemv_kernel[(triton.cdiv(n, cfg.BN), split)](
-        x2, target, bias if bias is not None else out,
+    _nf4_gemv_kernel[(tiles, split)](
+        x2, parts, out, bias if bias is not None else out, counts,
         packed, absmax, absmax2, code2, offset, pair_table(code),
         A, br if br is not None else out, out if row_codes is None else row_codes,
         m, n, k, k // 2, k_slice,
@@ -323,9 +362,4 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
         HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
         ROW_ADAPTERS=row_codes is not None, BKA=_ax_width(m, interpreting()),
         PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
-    if not direct:
-        block = 1024 if not interpreting() else 64
-        _sum_slices_kernel[(triton.cdiv(m * n, block),)](
-            target, out, bias if bias is not None else out, m * n, n, SPLIT=split, BLOCK=block,
-            HAS_BIAS=bias is not None)
     return out.view(*lead, n)
