@@ -480,4 +480,6 @@ def folded_operand(at: torch.Tensor, Rt: torch.Tensor) -> torch.Tensor:
     some CPUs (fused multiply-adds in one, not the other), and every entry here must have the
     same bits however many layers or adapters are formed at once — a model's later calls (one
     batch for all its layers) must answer exactly as its first and as a fresh copy."""
-    return (at.unsqueeze(-1) * Rt.unsqueeze(-3)).sum(-2)
+    # (K, r, 1) x (r, r) broadcasts without a view of Rt: one operation fewer on the hot path
+    rt = Rt if Rt.dim() == 2 else Rt.unsqueeze(-3)
+    return (at.unsqueeze(-1) * rt).sum(-2)
