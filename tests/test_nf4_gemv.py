@@ -132,3 +132,55 @@ def test_split_k_reduces_in_one_launch_and_leaves_its_counts_at_zero(rng):
     finally:
         G._nf4_gemv_kernel = real
     assert len(launched) == 2 and [g[1] for g in launched] == [3, 2]
+
+
+@pytest.mark.parametrize("ns", [(40, 24, 24), (72, 40)], ids=["qkv-like", "gate-up-like"])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("bias,adapter", [(True, True), (False, False)],
+                         ids=["bias+adapter", "bare"])
+def test_gemv_group_is_each_projection_in_one_launch(ns, split, m, bias, adapter, rng):
+    """Projections of one x in one launch give each projection's GEMV bit for bit (same launch
+    shape), within the float64 rule; the output buffers start poisoned."""
+    from tinylora_kernels.ops import nf4_gemv as G
+    from tinylora_kernels.ops.configs import GemvConfig
+
+    k = 320
+    probs = [_problem(n, k, m, torch.float32, True, bias, adapter, rng) for n in ns]
+    x = probs[0][0]
+    cfg = GemvConfig(BN=16, BKH=32, split=split, num_warps=1)
+    real_empty = torch.empty
+
+    def poisoned(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        outs = G.nf4_gemv_group(x, [(w, b, f) for _, w, b, f in probs],
+                                out_dtype=torch.float32, config=cfg)
+    finally:
+        torch.empty = real_empty
+    for (_, w, b, f), y in zip(probs, outs):
+        alone = G.nf4_gemv(x, w, b, f, out_dtype=torch.float32, config=cfg)
+        assert torch.equal(y, alone)
+        truth = _f64(x, w, f, b)
+        from tinylora_kernels.reference import tinylora_linear_reference
+        lowp = tinylora_linear_reference(x, w, f, b)
+        budget = 2 * (lowp.double() - truth).abs().max().item() + 1e-5
+        assert (y.double() - truth).abs().max().item() <= budget
+
+
+def test_gemv_group_refuses_mismatched_projections(rng):
+    from tinylora_kernels.ops.nf4_gemv import nf4_gemv_group
+
+    x, w, b, f = _problem(40, 320, 1, torch.float32, True, True, True, rng)
+    _, w2, b2, f2 = _problem(24, 192, 1, torch.float32, True, True, True, rng)
+    with pytest.raises(ValueError, match="differs from projection 0"):
+        nf4_gemv_group(x, [(w, b, f), (w2, b2, f2)], out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="differs from projection 0"):
+        nf4_gemv_group(x, [(w, b, f), (w, None, f)], out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="2 or 3 projections"):
+        nf4_gemv_group(x, [(w, b, f)], out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="at most"):
+        nf4_gemv_group(torch.cat([x] * 5), [(w, b, f), (w, b, f)], out_dtype=torch.float32)

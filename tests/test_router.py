@@ -225,7 +225,7 @@ def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
     monkeypatch.setattr(fl, "fused_linear_group",
                         lambda *a, **k: launches.append(len(a[1])) or real(*a, **k))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    # 8 rows: NF4 calls of up to 4 rows go to the GEMV, which launches per projection
+    # 8 rows: the fused kernel (NF4 calls of up to 4 rows go to the GEMV: the test below)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE,
                                                                           torch.float16)
     with torch.no_grad(), use_backend("triton"):
@@ -244,6 +244,40 @@ def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
         assert err <= budget, (layer.layer_name, err, budget)
     for a, b in zip(grouped, alone):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_bnb
+@pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_MISSING)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_qkv_and_gate_up_share_one_gemv_launch(monkeypatch, rows):
+    """At decode (M <= 4) a model call launches q/k/v as one GEMV and gate/up as one: 4
+    launches per decoder layer instead of 7, each output within the float64 rule."""
+    from tinylora_kernels.ops import nf4_gemv as G
+
+    model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, num_hidden_layers=1,
+                       device=KERNEL_DEVICE)
+    gp = TinyLoRAGlobalParams(u_dim=4, device=KERNEL_DEVICE, dtype=torch.float32)
+    torch.manual_seed(0)
+    apply_tiny_lora(model, gp, progress=False)
+    with torch.no_grad():
+        gp.global_v.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    groups = []
+    real_group = G.nf4_gemv_group
+    monkeypatch.setattr(G, "nf4_gemv_group",
+                        lambda *a, **k: groups.append(len(a[1])) or real_group(*a, **k))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE,
+                                                                             torch.float16)
+    with torch.no_grad(), use_backend("triton"):
+        assert router.explain(attn.q_proj, x).path == "gemv"
+        with model_call(model):
+            grouped = [layer(x) for layer in layers]
+    assert groups == [3, 2]
+    for layer, got in zip(layers, grouped):
+        truth, lowp = layer_truth_and_lowp(layer, x)
+        err, budget = reference_error_budget(got, lowp, truth)
+        assert err <= budget, (layer.layer_name, err, budget)
 
 
 @needs_bnb

@@ -21,7 +21,8 @@ What is captured (the router's dispatch table, :mod:`tinylora_kernels.ops.config
 * NF4 (double quantization or not; packed storage as uint8, or as bf16/fp16/fp32 reinterpreted,
   as ``bnb_4bit_quant_storage`` does) and dense (bf16, fp16, fp32) weights;
 * activations bf16, fp16, fp32; bias and no bias; adapter and no adapter;
-* the GEMV at M = 1, 2, 3, 4 (split over K, and not), the fused kernel and its grouped form at the
+* the GEMV at M = 1, 2, 3, 4 (split over K, and not; with the register prefetch; its grouped
+  form, as q/k/v), the fused kernel and its grouped form at the
   M classes of the config table, decode + cuBLAS at large M (the decode kernel), the backward
   kernel at each M class;
 * shapes of each divisibility class: N and K multiples of 16 (the real layers), N odd, K not a
@@ -205,10 +206,38 @@ def _m_classes():
     return gemv, fused, CUBLAS_MIN_M
 
 
+def _gemv_calls(w, bias, f, act, tag, dq, storage, ms, group_m, quick):
+    """The GEMV's planned shape, one K slice (full matrix), and the planned shape with the
+    register prefetch, at each M; at ``group_m`` q/k/v as a model call launches them (three
+    projections, one launch)."""
+    from .ops.configs import gemv_config
+    from .ops.custom_ops import kernel_forward
+    from .ops.nf4_gemv import nf4_gemv_group
+
+    n, k = w.shape
+    for m in ms:
+        x = torch.randn(m, k).to(act)
+        for variant in ("planned", "split1", "prefetch") if not quick else ("planned", "prefetch"):
+            cfg = gemv_config(n, k)
+            if variant != "planned":
+                cfg = dataclasses.replace(cfg, **({"split": 1} if variant == "split1" else
+                                                  {"prefetch": True}))
+            yield (f"gemv {tag} M={m} split={cfg.split} prefetch={cfg.prefetch}",
+                   functools.partial(kernel_forward, "gemv", x, w, bias, f, out_dtype=act,
+                                     config=cfg))
+        if m == group_m:
+            n3 = max(16, n // 8)
+            kv = (random_nf4(n3, k, dq, storage),
+                  None if bias is None else torch.randn(n3).to(act),
+                  None if f is None else _factors(n3, k))
+            yield (f"gemv group {tag} M={m}", functools.partial(
+                nf4_gemv_group, x, [(w, bias, f), kv, kv], out_dtype=act))
+
+
 def planned_calls(matrix: str = "full") -> Iterator[Tuple[str, callable]]:
     """(label, call) for every specialization class the router can plan; ``matrix="quick"``:
     one call per kernel family and storage kind (the other targets' subset)."""
-    from .ops.configs import gemv_config, pick_config
+    from .ops.configs import pick_config
     from .ops.custom_ops import kernel_forward, kernel_grad_x
     from .ops.fused_linear import fused_linear_group
     from .ops.nf4_dequant import dequantize_nf4_triton
@@ -228,18 +257,8 @@ def planned_calls(matrix: str = "full") -> Iterator[Tuple[str, callable]]:
         bias = torch.randn(n).to(act) if bias_on else None
         f = _factors(n, k) if adapter_on else None
         tag = f"{sname} {shape_name} {str(act)[6:]} bias={bias_on} adapter={adapter_on}"
-        for m in (gemv_ms if not quick else [1, 4]):
-            x = torch.randn(m, k).to(act)
-            # the planned shape, one K slice, and the planned shape with the register prefetch
-            for variant in (("planned", "split1", "prefetch") if not quick else
-                            ("planned", "prefetch")):
-                cfg = gemv_config(n, k)
-                if variant != "planned":
-                    cfg = dataclasses.replace(cfg, **({"split": 1} if variant == "split1" else
-                                                      {"prefetch": True}))
-                yield (f"gemv {tag} M={m} split={cfg.split} prefetch={cfg.prefetch}",
-                       functools.partial(kernel_forward, "gemv", x, w, bias, f, out_dtype=act,
-                                         config=cfg))
+        yield from _gemv_calls(w, bias, f, act, tag, dq, storage,
+                               gemv_ms if not quick else [1, 4], max(gemv_ms), quick)
         for m in (fused_ms if not quick else [16]):
             x = torch.randn(m, k).to(act)
             g = torch.randn(m, n).to(act)

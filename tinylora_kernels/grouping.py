@@ -1,9 +1,10 @@
-"""Projections that read the same input (q/k/v; gate/up) computed by one kernel launch.
+"""Projections that read the same input (q/k/v; gate/up) computed by one kernel launch
+(the decode GEMV's at M <= 4, the fused kernel's above).
 
 At decode the k and v projections alone cost far less than a launch; launched with q they ride
 along. Grouping is decided once, when ``apply_tiny_lora`` adapts sibling layers of one parent;
-at call time it is used only where the router planned the fused kernel for every member, without
-autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`). The first member
+at call time it is used only where the router planned the GEMV or the fused kernel for every
+member, without autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`). The first member
 launches for the whole group and leaves each sibling its output, tagged with the input tensor
 itself (identity and version) and the model call; a sibling called in that same call with that
 same, unchanged input takes it, anything else computes afresh. Holding the input keeps its memory
@@ -21,7 +22,7 @@ from .adapter_state import current_call
 
 __all__ = ["SHARED_INPUT_GROUPS", "link_groups", "grouped_forward"]
 
-#: Projections that read the same input, launched together on the fused kernel path.
+#: Projections that read the same input, launched together on the gemv and fused paths.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -50,6 +51,16 @@ def _groupable(members) -> bool:
     return len({kind(m) for m in members}) == 1
 
 
+def _same_launch(member_plan, plan) -> bool:
+    """Whether a member's own plan can share the first member's launch: the same plan (fused);
+    at decode the same path and dtypes (each GEMV's split depends on its own N; the group's
+    launch takes one shape for all)."""
+    if plan.path == "gemv":
+        return (member_plan.path, member_plan.compute_dtype, member_plan.out_dtype) == (
+            plan.path, plan.compute_dtype, plan.out_dtype)
+    return member_plan == plan
+
+
 def grouped_forward(layer, x: torch.Tensor, plan) -> Optional[torch.Tensor]:
     """``layer(x)`` through its group's launch; None when the group cannot serve this call."""
     call = current_call(layer.global_params_ref)
@@ -64,15 +75,20 @@ def grouped_forward(layer, x: torch.Tensor, plan) -> Optional[torch.Tensor]:
     if group[0] is not layer:
         return None
     for m in group:
-        if router.plan(m, x, *m._dtypes(x)) != plan:
+        if not _same_launch(router.plan(m, x, *m._dtypes(x)), plan):
             return None
         m._check_storage()
-    from .ops.fused_linear import fused_linear_group
+    members = [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in group]
+    if plan.path == "gemv":
+        from .ops.nf4_gemv import nf4_gemv_group
 
-    outs = fused_linear_group(
-        x.to(plan.compute_dtype),
-        [(m.kernel_weight(), m.base_layer.bias, m.adapter_factors()) for m in group],
-        out_dtype=plan.out_dtype, config=plan.config)
+        # (one launch shape for the group's rows together: gemv_config of their sum)
+        outs = nf4_gemv_group(x.to(plan.compute_dtype), members, out_dtype=plan.out_dtype)
+    else:
+        from .ops.fused_linear import fused_linear_group
+
+        outs = fused_linear_group(x.to(plan.compute_dtype), members, out_dtype=plan.out_dtype,
+                                  config=plan.config)
     for m, out in zip(group[1:], outs[1:]):
         m.__dict__["_stash_"] = (x, x._version, call, out)
     return outs[0]

@@ -222,7 +222,7 @@ class TinyLoRALinear(nn.Module):
         if plan.path == "merged":
             return self._base_forward(x, compute_dtype).to(out_dtype)
         self._check_storage()
-        if plan.path == "fused" and "_group_" in self.__dict__ and not (
+        if plan.path in ("gemv", "fused") and "_group_" in self.__dict__ and not (
                 torch.is_grad_enabled() or torch.compiler.is_compiling()):
             out = grouped_forward(self, x, plan)
             if out is not None:

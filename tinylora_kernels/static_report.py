@@ -210,6 +210,7 @@ def _scenario_calls(scenario: str, double_quant: bool = True) -> List[Tuple[_Cal
     from .ops.configs import CUBLAS_MIN_M, GEMV_MAX_M, gemv_config, pick_config
     from .ops.custom_ops import kernel_forward, kernel_grad_x
     from .ops.fused_linear import fused_linear_group
+    from .ops.nf4_gemv import nf4_gemv_group
 
     kind, m = scenario.split(":")
     m = int(m)
@@ -222,16 +223,20 @@ def _scenario_calls(scenario: str, double_quant: bool = True) -> List[Tuple[_Cal
             for name, (n, k, bias) in QWEN3B.items()}
     calls = []
     groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-    grouped = set() if (train or path != "fused") else {n for g in groups for n in g}
+    # as a model call launches them (tinylora_kernels.grouping): q/k/v and gate/up grouped on
+    # the gemv and fused paths, without autograd
+    grouped = set() if (train or path == "large_m") else {n for g in groups for n in g}
     for g in groups:
         if g[0] in grouped:
             k = made[g[0]][4]
             x = torch.randn(m, k).to(act)
             n_total = sum(made[name][3] for name in g)
+            members = [(made[name][0], made[name][2], made[name][1]) for name in g]
+            launch = (partial(nf4_gemv_group, x, members, out_dtype=act) if path == "gemv" else
+                      partial(fused_linear_group, x, members, out_dtype=act,
+                              config=pick_config(m, made[g[0]][3], k)))
             calls.append((_Call("+".join(g), n_total * k, n_total, k, m, len(g), "forward"),
-                          partial(fused_linear_group, x,
-                                  [(made[name][0], made[name][2], made[name][1]) for name in g],
-                                  out_dtype=act, config=pick_config(m, made[g[0]][3], k))))
+                          launch))
     for name, (w, f, bias, n, k) in made.items():
         if name in grouped:
             continue
@@ -249,7 +254,7 @@ def _scenario_calls(scenario: str, double_quant: bool = True) -> List[Tuple[_Cal
 
 
 def _weights_per_iteration(kernel: str, cx: dict) -> Optional[int]:
-    if kernel == "_nf4_gemv_kernel":
+    if kernel in ("_nf4_gemv_kernel", "_nf4_gemv_group_kernel"):
         return cx["BN"] * 2 * cx["BKH"]
     if kernel in ("_fused_linear_kernel", "_fused_group_kernel", "_grad_x_kernel"):
         return cx["BN"] * cx["BK"]
@@ -271,9 +276,6 @@ def _launch_bytes(call: _Call, launch, double_quant: bool) -> Tuple[float, float
     cx = launch.constexpr_values()
     m, n, k = call.m, call.n, call.k
     nf4 = _nf4_bytes(n, k, double_quant)
-    if launch.kernel == "_sum_slices_kernel":
-        split = cx.get("SPLIT", 1)
-        return split * m * n * 4 + m * n * 2, 0.0
     if launch.kernel == "_nf4_decode_kernel":
         return nf4 + n * k * 2, 0.0              # writes the decoded (N, K) workspace
     if call.direction == "grad_x":
@@ -281,8 +283,8 @@ def _launch_bytes(call: _Call, launch, double_quant: bool) -> Tuple[float, float
         return floor + call.members * RANK * (n * 4 + k * 2) + m * RANK * 4, floor
     floor = nf4 + m * k * 2 + m * n * 2
     moved = floor + call.members * RANK * (n * 4 + k * 2)
-    if launch.kernel == "_nf4_gemv_kernel" and not cx.get("DIRECT", True):
-        moved += launch.grid[1] * m * n * 4 - m * n * 2       # fp32 partials instead of out
+    if launch.kernel.startswith("_nf4_gemv") and not cx.get("DIRECT", True):
+        moved += 2 * launch.grid[1] * m * n * 4     # fp32 partials written, read by the last
     return moved, floor
 
 
@@ -333,11 +335,11 @@ def static_report(scenarios=SCENARIOS, double_quant: bool = True, jobs: int = 2,
                 wipw = loop["instructions"] * warps / w_it
             elif "error" not in st and w_it and launch.kernel == "_nf4_decode_kernel":
                 wipw = st["sass_instructions"] * warps / w_it
-            if wipw is not None and launch.kernel != "_sum_slices_kernel":
+            if wipw is not None:
                 issue_us = call.weights * wipw / (min(hw["sms"], ctas) * issue_per_us)
             byte_us = moved / hw["bytes_per_s"] * 1e6
             flop_us = 2 * call.m * call.weights / hw["flops_per_s"] * 1e6 \
-                if launch.kernel not in ("_sum_slices_kernel", "_nf4_decode_kernel") else 0.0
+                if launch.kernel != "_nf4_decode_kernel" else 0.0
             proj = max(issue_us, byte_us, flop_us)
             bound = {issue_us: "issue", byte_us: "bytes", flop_us: "flops"}[proj]
             floor_us = floor / hw["bytes_per_s"] * 1e6

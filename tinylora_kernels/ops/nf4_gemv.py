@@ -36,23 +36,79 @@ from . import interpreting
 from .configs import GEMV_MAX_M, GemvConfig, gemv_config
 from .tiles import nf4_pointer_args
 
-__all__ = ["nf4_gemv"]
+__all__ = ["nf4_gemv", "nf4_gemv_group"]
 
+# One projection's arguments, in this order (the single and the grouped kernel take them alike):
+#   out_ptr: fp32 partial sums (SPLIT, M, N) (or the output, DIRECT); y_ptr: the output (M, N);
+#   bias_ptr; the NF4 weight: packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, and
+#   pair_ptr: 256 int64, byte b -> (level[b >> 4], level[b & 15]); the adapter: a_ptr A (r, K)
+#   and br_ptr BR = B R (N, r) fp32 (ROW_ADAPTERS: (n, N, r), one per adapter); N; A's strides.
+# Shared: x_ptr (M, K); count_ptr: one int32 arrival count per row tile (zero between launches;
+# split K only); rows_ptr: the adapter of each row of x (int32, ROW_ADAPTERS only); M, K,
+# KH = K / 2 (bytes per row), K_SLICE (weights per K slice, a multiple of 2 BKH), x's strides.
 @triton.jit
 def _nf4_gemv_kernel(
-    # pointers: input, partial sums (SPLIT, M, N) fp32 (or the output, DIRECT), the output,
-    # bias, and one int32 arrival count per row tile (zero between launches; split K only)
-    x_ptr, out_ptr, y_ptr, bias_ptr, count_ptr,
-    # pointers: the NF4 weight; pair_ptr: 256 int64, byte b -> (level[b >> 4], level[b & 15])
-    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pair_ptr,
-    # pointers: the adapter, A (r, K) and BR = B R (N, r) fp32 (ROW_ADAPTERS: (n, N, r), one
-    # per adapter) and the adapter of each row of x (int32, ROW_ADAPTERS only)
-    a_ptr, br_ptr, rows_ptr,
-    # sizes; KH = K / 2 (bytes per row); K_SLICE: weights per K slice (a multiple of 2 BKH)
-    M, N, K, KH, K_SLICE,
-    # strides
-    stride_xm, stride_xk, stride_an, stride_ak,
-    # meta-parameters
+    x_ptr, count_ptr, rows_ptr, M, K, KH, K_SLICE, stride_xm, stride_xk,
+    out_ptr, y_ptr, bias_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    pair_ptr, a_ptr, br_ptr, N, stride_an, stride_ak,
+    BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr, BKA: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One projection: program (pid_n, pid_k) computes row tile pid_n over K slice pid_k."""
+    _gemv_tile(tl.program_id(0), tl.program_id(1), x_ptr, count_ptr, rows_ptr, M, K, KH, K_SLICE,
+               stride_xm, stride_xk, out_ptr, y_ptr, bias_ptr, packed_ptr, absmax_ptr,
+               absmax2_ptr, code2_ptr, offset_ptr, pair_ptr, a_ptr, br_ptr, N, stride_an,
+               stride_ak, BN, BKH, M_PAD, RANK, R_PAD, BLOCKSIZE2, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS,
+               DIRECT, EVEN_K, ROW_ADAPTERS, BKA, PREFETCH)
+
+
+@triton.jit
+def _nf4_gemv_group_kernel(
+    x_ptr, count_ptr, rows_ptr, M, K, KH, K_SLICE, stride_xm, stride_xk,
+    o0, y0, bias0, p0, am0, am20, c20, off0, pair0, a0, br0, N0, san0, sak0,
+    o1, y1, bias1, p1, am1, am21, c21, off1, pair1, a1, br1, N1, san1, sak1,
+    # projection 2 (ignored when NUM_PROJ == 2)
+    o2, y2, bias2, p2, am2, am22, c22, off2, pair2, a2, br2, N2, san2, sak2,
+    NUM_PROJ: tl.constexpr,
+    BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_ADAPTERS: tl.constexpr, BKA: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Two or three projections of the same x (q/k/v, gate/up) in ONE launch: the programs
+    along axis 0 cover the row tiles of every projection in turn (their arrival counts too);
+    each computes its tile exactly as the single kernel does."""
+    t0 = tl.cdiv(N0, BN)
+    t1 = tl.cdiv(N1, BN)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if pid < t0:
+        _gemv_tile(pid, pid_k, x_ptr, count_ptr, rows_ptr, M, K, KH, K_SLICE, stride_xm,
+                   stride_xk, o0, y0, bias0, p0, am0, am20, c20, off0, pair0, a0, br0, N0, san0,
+                   sak0, BN, BKH, M_PAD, RANK, R_PAD, BLOCKSIZE2, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS,
+               DIRECT, EVEN_K, ROW_ADAPTERS, BKA, PREFETCH)
+    elif pid < t0 + t1:
+        _gemv_tile(pid - t0, pid_k, x_ptr, count_ptr + t0, rows_ptr, M, K, KH, K_SLICE,
+                   stride_xm, stride_xk, o1, y1, bias1, p1, am1, am21, c21, off1, pair1, a1,
+                   br1, N1, san1, sak1, BN, BKH, M_PAD, RANK, R_PAD, BLOCKSIZE2, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS,
+               DIRECT, EVEN_K, ROW_ADAPTERS, BKA, PREFETCH)
+    else:
+        if NUM_PROJ == 3:
+            _gemv_tile(pid - t0 - t1, pid_k, x_ptr, count_ptr + t0 + t1, rows_ptr, M, K, KH,
+                       K_SLICE, stride_xm, stride_xk, o2, y2, bias2, p2, am2, am22, c22, off2,
+                       pair2, a2, br2, N2, san2, sak2, BN, BKH, M_PAD, RANK, R_PAD, BLOCKSIZE2, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS,
+               DIRECT, EVEN_K, ROW_ADAPTERS, BKA, PREFETCH)
+
+
+@triton.jit
+def _gemv_tile(
+    pid_n, pid_k, x_ptr, count_ptr, rows_ptr, M, K, KH, K_SLICE, stride_xm, stride_xk,
+    out_ptr, y_ptr, bias_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    pair_ptr, a_ptr, br_ptr, N, stride_an, stride_ak,
     BN: tl.constexpr, BKH: tl.constexpr, M_PAD: tl.constexpr, RANK: tl.constexpr,
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr,
@@ -70,8 +126,6 @@ def _nf4_gemv_kernel(
     by row only, so each thread's 16 bytes load as one vector.
     """
     NB: tl.constexpr = BKH // 32
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     mask_n = rn < N
     rn64 = rn.to(tl.int64)
@@ -315,6 +369,39 @@ def _ax_width(m: int, interpreted: bool) -> int:
     return 128 if interpreted else 1024 // triton.next_power_of_2(m)
 
 
+def _slices(k: int, cfg: GemvConfig):
+    """(weights per K slice, number of slices) of a launch: whole steps per slice."""
+    step = 2 * cfg.BKH
+    k_slice = step * triton.cdiv(triton.cdiv(k, cfg.split), step)
+    return k_slice, triton.cdiv(k, k_slice)
+
+
+def _projection(weight: NF4Weight, bias, factors, out: torch.Tensor, split: int) -> tuple:
+    """One projection's launch arguments (the order the kernels take them); B R (N x r, fp32)
+    formed here, one small product (with row adapters B @ R_set: (n, N, r), one per adapter)."""
+    n, _ = weight.shape
+    rank = 0 if factors is None else factors.A.shape[0]
+    br = None if factors is None else (factors.B.float() @ factors.R.float()).contiguous()
+    parts = out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32,
+                                               device=out.device)
+    A = factors.A if factors is not None else out
+    packed, absmax, absmax2, code2, offset, code = nf4_pointer_args(weight, out)
+    return (parts, out, bias if bias is not None else out, packed, absmax, absmax2, code2,
+            offset, pair_table(code), A, br if br is not None else out, n,
+            A.stride(0) if rank else 0, A.stride(1) if rank else 0)
+
+
+def _meta(weight: NF4Weight, bias, factors, m: int, k: int, k_slice: int, split: int,
+          cfg: GemvConfig, row_codes) -> dict:
+    rank = 0 if factors is None else factors.A.shape[0]
+    return dict(BN=cfg.BN, BKH=cfg.BKH, M_PAD=triton.next_power_of_2(m), RANK=max(rank, 1),
+                R_PAD=triton.next_power_of_2(max(rank, 1)), BLOCKSIZE2=weight.blocksize2,
+                DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
+                HAS_BIAS=bias is not None, DIRECT=split == 1, EVEN_K=k % k_slice == 0,
+                ROW_ADAPTERS=row_codes is not None, BKA=_ax_width(m, interpreting()),
+                PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
+
+
 def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
              factors: Optional[AdapterFactors], *, out_dtype: torch.dtype,
              config: Optional[GemvConfig] = None,
@@ -323,9 +410,9 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     """``x Wᵀ + B (R (A x)) + bias`` for x (..., K) with at most :data:`GEMV_MAX_M` rows.
 
     The caller has checked the call (the router's plan: NF4 storage with 64-weight blocks, x on
-    the weight's device). B R (N x r, fp32) is formed here, one small product per call.
-    ``out``: a contiguous (M, N) buffer to write into. ``row_codes`` (M,) int32: per-row
-    adapters; factors.R then holds one R per adapter (n, r, r) and row m uses R[row_codes[m]].
+    the weight's device). ``out``: a contiguous (M, N) buffer to write into. ``row_codes`` (M,)
+    int32: per-row adapters; factors.R then holds one R per adapter (n, r, r) and row m uses
+    R[row_codes[m]].
     """
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -338,28 +425,57 @@ def nf4_gemv(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
     if m == 0:
         return out.view(*lead, n)
     cfg = config or gemv_config(n, k)
-    rank = 0 if factors is None else factors.A.shape[0]
-    br = None if factors is None else (factors.B.float() @ factors.R.float()).contiguous()
-    # (with row adapters: B @ R_set broadcasts to (n, N, r), one B R per adapter)
-    step = 2 * cfg.BKH
-    k_slice = step * triton.cdiv(triton.cdiv(k, cfg.split), step)
-    split = triton.cdiv(k, k_slice)
-    direct = split == 1
-    parts = out if direct else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    k_slice, split = _slices(k, cfg)
     tiles = triton.cdiv(n, cfg.BN)
-    counts = parts if direct else _arrival_counts(x.device, tiles)
-    A = factors.A if factors is not None else out
-    packed, absmax, absmax2, code2, offset, code = nf4_pointer_args(weight, out)
+    counts = out if split == 1 else _arrival_counts(x.device, tiles)
     _nf4_gemv_kernel[(tiles, split)](
-        x2, parts, out, bias if bias is not None else out, counts,
-        packed, absmax, absmax2, code2, offset, pair_table(code),
-        A, br if br is not None else out, out if row_codes is None else row_codes,
-        m, n, k, k // 2, k_slice,
-        x2.stride(0), x2.stride(1), A.stride(0) if rank else 0, A.stride(1) if rank else 0,
-        BN=cfg.BN, BKH=cfg.BKH, M_PAD=triton.next_power_of_2(m), RANK=max(rank, 1),
-        R_PAD=triton.next_power_of_2(max(rank, 1)), BLOCKSIZE2=weight.blocksize2,
-        DOUBLE_QUANT=weight.double_quant, HAS_ADAPTER=factors is not None,
-        HAS_BIAS=bias is not None, DIRECT=direct, EVEN_K=k % k_slice == 0,
-        ROW_ADAPTERS=row_codes is not None, BKA=_ax_width(m, interpreting()),
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
+        x2, counts, out if row_codes is None else row_codes, m, k, k // 2, k_slice,
+        x2.stride(0), x2.stride(1), *_projection(weight, bias, factors, out, split),
+        **_meta(weight, bias, factors, m, k, k_slice, split, cfg, row_codes))
     return out.view(*lead, n)
+
+
+def nf4_gemv_group(x: torch.Tensor, projections, *, out_dtype: torch.dtype,
+                   config: Optional[GemvConfig] = None) -> list:
+    """Two or three NF4 projections of one x (q/k/v, gate/up) at decode in ONE launch.
+
+    ``projections``: ``(weight, bias, factors)`` each, as :func:`nf4_gemv` takes them, with the
+    same K and storage settings, all with or all without bias and adapter (one rank). Returns
+    their outputs. ``config``: one launch shape for all (default: :func:`gemv_config` of their
+    rows together)."""
+    projections = list(projections)
+    if not 2 <= len(projections) <= 3:
+        raise ValueError(f"nf4_gemv_group takes 2 or 3 projections, got {len(projections)}")
+    w0, b0, f0 = projections[0]
+
+    def kind(w, b, f):
+        if not isinstance(w, NF4Weight):
+            return ("not NF4", type(w).__name__)
+        return (w.shape[1], w.double_quant, w.blocksize2, b is None,
+                None if f is None else f.A.shape[0])
+
+    for i, p in enumerate(projections[1:], 1):
+        if kind(*p) != kind(w0, b0, f0):
+            raise ValueError(f"nf4_gemv_group: projection {i} differs from projection 0 in K, "
+                             f"storage, bias or adapter rank: {kind(*p)} vs {kind(w0, b0, f0)}")
+    k = w0.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if x.shape[-1] != k or m > GEMV_MAX_M:
+        raise ValueError(f"nf4_gemv_group takes x (..., {k}) with at most {GEMV_MAX_M} rows, "
+                         f"got {tuple(x.shape)}")
+    outs = [torch.empty(m, w.shape[0], dtype=out_dtype, device=x.device)
+            for w, _, _ in projections]
+    if m > 0:
+        cfg = config or gemv_config(sum(w.shape[0] for w, _, _ in projections), k)
+        k_slice, split = _slices(k, cfg)
+        tiles = sum(triton.cdiv(w.shape[0], cfg.BN) for w, _, _ in projections)
+        counts = outs[0] if split == 1 else _arrival_counts(x.device, tiles)
+        packs = [_projection(w, b, f, o, split) for (w, b, f), o in zip(projections, outs)]
+        packs += [packs[-1]] * (3 - len(packs))          # an unused third slot
+        _nf4_gemv_group_kernel[(tiles, split)](
+            x2, counts, outs[0], m, k, k // 2, k_slice, x2.stride(0), x2.stride(1),
+            *packs[0], *packs[1], *packs[2], NUM_PROJ=len(projections),
+            **_meta(w0, b0, f0, m, k, k_slice, split, cfg, None))
+    return [o.view(*lead, o.shape[1]) for o in outs]
