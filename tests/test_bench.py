@@ -251,9 +251,9 @@ def test_gemv_sweep_machinery_runs_under_the_interpreter():
     data = bench.gemv_sweep(model="cpu-reduced", ms=(1,), bns=(16,), bkhs=(32,), splits=(1, 2),
                             warps=(1,), layers=["k_proj"], device="cpu")
     assert data["schema"] == bench.SCHEMA and data["mode"] == "gemv-sweep"
-    assert len(data["rows"]) == 4          # 2 splits, each with and without the prefetch
+    # 2 splits, and the default shape (split 1 here) with the prefetch
     assert {(r["case"]["split"], r["case"]["prefetch"]) for r in data["rows"]} == {
-        (1, False), (1, True), (2, False), (2, True)}
+        (1, False), (1, True), (2, False)} and len(data["rows"]) == 3
     assert all(r["providers"]["nf4_gemv"]["median_us"] > 0 for r in data["rows"])
     (best,) = data["best"]
     assert best["layer"] == "k_proj" and best["time_over_floor"] > 0
