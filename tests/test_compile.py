@@ -77,30 +77,32 @@ def test_the_adapter_keeps_the_main_loop_software_pipelined(tmp_path):
 _GEMV_LOOP = r'''
 import json, torch
 from tinylora_kernels.compile_check import capture, compile_all, random_nf4, _factors
-from tinylora_kernels.ops.configs import gemv_config
+from tinylora_kernels.ops.configs import gemv_config, pick_config
 from tinylora_kernels.ops.custom_ops import kernel_forward
 from tinylora_kernels.static_report import sass_stats
 gen = torch.Generator().manual_seed(0)
 w, f = random_nf4(512, 2048, True, gen=gen), _factors(512, 2048, 2, gen)
 out = {}
-for m in (1, 4):
+for path, m in (("gemv", 1), ("gemv", 4), ("fused", 16)):
+    cfg = gemv_config(512, 2048) if path == "gemv" else pick_config(m, 512, 2048)
     for name, factors in (("adapter", f), ("bare", None)):
         with capture("sm_90") as cap:
-            kernel_forward("gemv", torch.randn(m, 2048).bfloat16(), w, None, factors,
-                           out_dtype=torch.bfloat16, config=gemv_config(512, 2048))
+            kernel_forward(path, torch.randn(m, 2048).bfloat16(), w, None, factors,
+                           out_dtype=torch.bfloat16, config=cfg)
         for c in compile_all(cap.launches, "sm_90", 1):
-            if c.launch.kernel == "_nf4_gemv_kernel":
-                loop = sass_stats(c.cubin)["k_loop"]
-                out[f"{name}:{m}"] = [loop["barriers"], loop["shuffles"], loop["shared_accesses"]]
+            loop = sass_stats(c.cubin)["k_loop"]
+            out[f"{path}:{name}:{m}"] = [loop["barriers"], loop["shuffles"],
+                                         loop["shared_accesses"]]
 print(json.dumps(out))
 '''
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-def test_the_gemv_weight_loop_holds_nothing_of_the_adapter(tmp_path):
-    """The GEMV's weight loop synchronizes its threads no more with the adapter than without:
-    A x is accumulated per element in a loop of its own and reduced once (a block-wide sum per
-    step and row of x inside the weight loop made every step wait on barriers and shuffles)."""
+def test_the_weight_loop_holds_nothing_of_the_adapter(tmp_path):
+    """The GEMV's weight loop, and the fused kernel's K loop at 16-row tiles, synchronize their
+    threads no more with the adapter than without: A x is accumulated per element in a loop of
+    its own after the weight loop and reduced once (a block-wide sum per step and row of x
+    inside it made every step wait on barriers and shuffles)."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -111,5 +113,5 @@ def test_the_gemv_weight_loop_holds_nothing_of_the_adapter(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     loops = json.loads(proc.stdout.strip().splitlines()[-1])
-    for m in (1, 4):
-        assert loops[f"adapter:{m}"] == loops[f"bare:{m}"], loops
+    for key in ("gemv:{}:1", "gemv:{}:4", "fused:{}:16"):
+        assert loops[key.format("adapter")] == loops[key.format("bare")], loops

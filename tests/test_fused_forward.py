@@ -374,3 +374,30 @@ def test_adapter_on_tensor_cores_variant(m, rng):
     W = dequantize_nf4(w, torch.float32)
     _assert_within(y, tinylora_linear_reference(x, w, f, None), _f64(x, W, f, None))
     torch.testing.assert_close(ax.double(), x.double() @ f.A.double().T, rtol=1e-3, atol=1e-3)
+
+
+@needs_bnb
+@pytest.mark.parametrize("m", [5, 20, 33])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_adapter_in_the_loop_and_after_it_agree(m, dtype, rng):
+    """KernelConfig.ax_after (A x after the K loop, rows_ax: the 16-row tiles' default) and the
+    reductions inside the loop (larger tiles) both hold the float64 rule, and the A x they store
+    for the backward is within fp32 summation's bound."""
+    from tinylora_kernels.ops.configs import KernelConfig
+    from tinylora_kernels.ops.fused_linear import fused_linear
+
+    n, k = 48, 320
+    w = _nf4(n, k, True, rng)
+    x = torch.randn(m, k, generator=rng).to(DTYPES[dtype]).to(KERNEL_DEVICE)
+    f = _factors(n, k, 2, rng)
+    base_cfg = dict(BM=16, BN=32, BK=64, num_warps=4 if CUDA else 1,
+                    num_stages=2 if CUDA else 1)
+    W = dequantize_nf4(w, torch.float32)
+    for after in (False, True):
+        y, ax = fused_linear(x, w, None, f, store_ax=True,
+                             config=KernelConfig(**base_cfg, ax_after=after))
+        _assert_within(y, tinylora_linear_reference(x, w, f, None), _f64(x, W, f, None))
+        truth = x.double() @ f.A.double().T
+        bound = 2 * k * torch.finfo(torch.float32).eps * (x.double().abs()
+                                                          @ f.A.double().abs().T)
+        assert ((ax.double() - truth).abs() <= bound + 1e-30).all(), after

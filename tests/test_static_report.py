@@ -44,3 +44,28 @@ def test_rebuilding_an_unknown_run_is_a_usage_error(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "v9" in err and all(name in err for name in RUNS)
+
+
+def test_the_report_carries_its_checks_against_measurement(tmp_path):
+    """Each committed check (that day's projection, the H200 suite run that measured the same
+    kernels) gives measured / projected per scenario, and the report prints the band."""
+    import json
+
+    from tinylora_kernels.static_report import CHECKS, measured_checks, static_report_markdown
+
+    date, projected_file, measured_file = CHECKS[0]
+    (tmp_path / projected_file).parent.mkdir(parents=True)
+    (tmp_path / measured_file).parent.mkdir(parents=True)
+    (tmp_path / projected_file).write_text(json.dumps({"scenarios": {
+        "decode:1": {"projected_us": 10.0}, "prefill:16": {"projected_us": 40.0}}}))
+    row = lambda m, us: {"case": {"layer": "decoder_layer", "M": m, "mode": "fwd"},  # noqa: E731
+                         "providers": {"fused": {"graph": {"median_us": us}}}}
+    (tmp_path / measured_file).write_text(json.dumps({"rows": [row(1, 35.0), row(16, 60.0),
+                                                                row(4, 99.0)]}))
+    checks = measured_checks(str(tmp_path))
+    assert [(c["scenario"], c["measured_over_projected"]) for c in checks] == [
+        ("decode:1", 3.5), ("prefill:16", 1.5)]
+    assert measured_checks(str(tmp_path / "nowhere")) == []
+    text = static_report_markdown({"what": "w", "triton": "t", "scenarios": {},
+                                   "checks": checks})
+    assert "Not validated" in text and "1.5x–3.5x" in text

@@ -366,7 +366,46 @@ def static_report(scenarios=SCENARIOS, double_quant: bool = True, jobs: int = 2,
             "for one Qwen2.5-Coder-3B decoder layer (NF4 "
             f"{'double quant' if double_quant else 'plain'}, bf16), sm_90, against the H200 "
             "roofline")
-    return compiled_result(what, hw, per_scenario, triton.__version__, torch.__version__)
+    data = compiled_result(what, hw, per_scenario, triton.__version__, torch.__version__)
+    data["checks"] = measured_checks()
+    data["validated"] = False
+    return data
+
+
+#: (date, the projection of that day's kernels, the H200 suite run that measured them), in the
+#: repository (benchmarks/results/); each gives measured / projected per scenario
+CHECKS = (("2026-12-04", "compiled/sm90-2026-12-04.json", "h200-2026-12-04/bench-gpu.json"),)
+_CHECKED_M = {"decode:1": 1, "decode:4": 4, "prefill:16": 16}
+
+
+def measured_checks(results_dir: Optional[str] = None) -> List[dict]:
+    """Every committed check of this projection against the H200: per scenario, the projection
+    of the kernels that were measured, the measured CUDA-graph replay of one decoder layer
+    (fused kernels, ``fused`` provider; the layer also runs attention and norms, which the
+    projection leaves out) and their ratio. Empty outside a checkout holding the files."""
+    import json
+
+    root = results_dir or os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "results")
+    out = []
+    for date, projected_file, measured_file in CHECKS:
+        try:
+            with open(os.path.join(root, projected_file)) as f:
+                projected = json.load(f)["scenarios"]
+            with open(os.path.join(root, measured_file)) as f:
+                rows = json.load(f)["rows"]
+        except (OSError, KeyError, ValueError):
+            continue
+        for scen, m in _CHECKED_M.items():
+            cell = next((r["providers"].get("fused", {}).get("graph") for r in rows
+                         if r["case"].get("layer") == "decoder_layer" and r["case"]["M"] == m
+                         and r["case"].get("mode") == "fwd"), None)
+            if cell and scen in projected:
+                p = projected[scen]["projected_us"]
+                out.append({"date": date, "scenario": scen, "projected_us": p,
+                            "measured_us": cell["median_us"],
+                            "measured_over_projected": cell["median_us"] / p})
+    return out
 
 
 def static_report_markdown(data: dict) -> str:
@@ -380,6 +419,18 @@ def static_report_markdown(data: dict) -> str:
         lines.append(f"| {scen} | {len(s['launches'])} | {s['projected_us']:.1f} | "
                      f"{s['byte_floor_us']:.1f} | {s['x_floor']:.2f} | ≤ {s['target_x_floor']} "
                      f"| {met} |")
+    checks = data.get("checks") or []
+    if checks:
+        ratios = [c["measured_over_projected"] for c in checks]
+        lines += ["", f"**Not validated.** The only checks against a GPU (H200, the kernels of "
+                  f"the date below, a decoder layer replayed from a CUDA graph, attention and "
+                  f"norms included) measured {min(ratios):.1f}x–{max(ratios):.1f}x what this "
+                  "model projected for them; no figure above is a prediction.", "",
+                  "| checked | scenario | projected µs | measured µs | measured / projected |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['date']} | {c['scenario']} | {c['projected_us']:.1f} | "
+                  f"{c['measured_us']:.1f} | {c['measured_over_projected']:.1f}x |"
+                  for c in checks]
     lines += ["", "Per launch (projected):", "",
               "| scenario | linear | kernel | grid | warps | regs | local B | I_it | W_it | "
               "warp-instr/weight | LDG widths | async | MMA | SHFL | BAR | binds | "

@@ -54,19 +54,23 @@ class KernelConfig:
     ax_dot: bool = False
     #: NF4 levels gathered from the 16-entry table (L1) instead of the register select tree
     table_lookup: bool = False
+    #: A x after the K loop (products kept per element, reduced once: tiles.rows_ax) instead of
+    #: r block-wide reductions inside it (16-row tiles: the loop then holds nothing of the
+    #: adapter; larger tiles share one reduction among more rows and keep it in the loop)
+    ax_after: bool = False
 
 
 #: The fused kernel's configs by problem size: the first row with M <= m_max and N <= n_max wins.
 #: Decode rows use one 16-row tile with N tiles narrow enough that N / BN programs cover the 132
 #: SMs of an H100/H200; the sweep behind them is benchmarks/results/h200/gpu_forward_v3.*.
 CONFIG_TABLE = (
-    (16, 4096, KernelConfig(BM=16, BN=32, BK=64, num_warps=4, num_stages=4)),
-    (16, math.inf, KernelConfig(BM=16, BN=64, BK=64, num_warps=4, num_stages=4)),
+    (16, 4096, KernelConfig(BM=16, BN=32, BK=64, num_warps=4, num_stages=4, ax_after=True)),
+    (16, math.inf, KernelConfig(BM=16, BN=64, BK=64, num_warps=4, num_stages=4, ax_after=True)),
     (64, math.inf, KernelConfig(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)),
     (math.inf, math.inf, KernelConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
 )
 #: Under the interpreter one small tile keeps CPU runs short.
-INTERPRETER_CONFIG = KernelConfig(BM=16, BN=32, BK=64, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = KernelConfig(BM=16, BN=32, BK=64, num_warps=1, num_stages=1, ax_after=True)
 
 
 def pick_config(M: int, N: int, K: int) -> KernelConfig:

@@ -28,7 +28,7 @@ import triton.language as tl
 from ..nf4 import NF4Weight
 from ..torch_path import AdapterFactors
 from .configs import MAX_RANK, KernelConfig, check_supported, pick_config
-from .tiles import adapter_args, nf4_levels, weight_args, weight_tile
+from .tiles import adapter_args, nf4_levels, rows_ax, weight_args, weight_tile
 
 __all__ = ["fused_linear", "fused_linear_group", "launch_fused_linear"]
 
@@ -47,6 +47,7 @@ def _linear_tile(
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
     AX_DOT: tl.constexpr, TABLE: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
+    AX_AFTER: tl.constexpr, R_TAIL: tl.constexpr, BKA: tl.constexpr,
 ):
     """Output tile (pid_m, pid_n): x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias), fp32 accumulation.
     With ROW_ADAPTERS, R holds one r x r matrix per adapter and row m uses R[rows[m]]
@@ -102,7 +103,7 @@ def _linear_tile(
             a_odd = tl.load(a_rows + (ke + 1)[None, :] * stride_ak, mask=mask_a, other=0.0)
             ax = tl.dot(x_even, tl.trans(a_even.to(x_even.dtype)), ax)
             ax = tl.dot(x_odd, tl.trans(a_odd.to(x_even.dtype)), ax)
-        elif HAS_ADAPTER:
+        elif HAS_ADAPTER and not AX_AFTER:
             # r (<= 16) dot products per row on the CUDA cores: A x costs r/BN of the main
             # product's work and needs no padded tensor-core tile
             for i in tl.static_range(RANK):     # unrolled: a loop inside would keep the
@@ -114,9 +115,28 @@ def _linear_tile(
                               + x_odd.to(tl.float32) * a_odd[None, :], axis=1)
                 ax += tl.where(rr[None, :] == i, part[:, None], 0.0)
 
+    if HAS_ADAPTER and AX_AFTER and not AX_DOT:
+        ax = _ax_after_loop(ax, x_ptr, a_ptr, pid_m, M, K, stride_xm, stride_xk, stride_an,
+                            stride_ak, BM, RANK, R_PAD, R_TAIL, BKA)
     _linear_epilogue(acc, ax, pid_n, rm, rn, out_ptr, bias_ptr, ax_ptr, b_ptr, r_ptr, rows_ptr,
                      M, N, RANK, stride_om, stride_on, R_PAD, HAS_ADAPTER, HAS_BIAS, STORE_AX,
                      ROW_ADAPTERS)
+
+
+@triton.jit
+def _ax_after_loop(ax, x_ptr, a_ptr, pid_m, M, K, stride_xm, stride_xk, stride_an, stride_ak,
+                   BM: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
+                   R_TAIL: tl.constexpr, BKA: tl.constexpr):
+    """``ax`` (BM, R_PAD) plus A x of the tile's rows, formed after the K loop (rows_ax: no
+    reduction inside the loop) as (BM, R_TAIL) and placed into ax's first RANK columns."""
+    tail = rows_ax(x_ptr + pid_m * BM * stride_xm, a_ptr, 0, K, M - pid_m * BM, stride_xm,
+                   stride_xk, stride_an, stride_ak, BM, RANK, R_TAIL, BKA)
+    rt = tl.arange(0, R_TAIL)
+    rr = tl.arange(0, R_PAD)
+    for i in tl.static_range(RANK):
+        col = tl.sum(tl.where(rt[None, :] == i, tail, 0.0), axis=1)
+        ax += tl.where(rr[None, :] == i, col[:, None], 0.0)
+    return ax
 
 
 @triton.jit
@@ -177,6 +197,7 @@ def _fused_linear_kernel(
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
     AX_DOT: tl.constexpr, TABLE: tl.constexpr, ROW_ADAPTERS: tl.constexpr = False,
+    AX_AFTER: tl.constexpr = False, R_TAIL: tl.constexpr = 1, BKA: tl.constexpr = 128,
 ):
     """out[M, N] = x[M, K] @ W[N, K]ᵀ (+ B R A x) (+ bias): one output tile per program."""
     # program id -> output tile, grouped along M so neighbouring programs share W tiles
@@ -193,7 +214,8 @@ def _fused_linear_kernel(
                  a_ptr, b_ptr, r_ptr, rows_ptr, M, N, K, KH, RANK,
                  stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
                  stride_an, stride_ak, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4, DOUBLE_QUANT,
-                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE, ROW_ADAPTERS)
+                 HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE, ROW_ADAPTERS,
+                 AX_AFTER, R_TAIL, BKA)
 
 
 @triton.jit
@@ -213,7 +235,8 @@ def _fused_group_kernel(
     R_PAD: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_ADAPTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_AX: tl.constexpr, FP32_DOT: tl.constexpr,
-    AX_DOT: tl.constexpr, TABLE: tl.constexpr,
+    AX_DOT: tl.constexpr, TABLE: tl.constexpr, AX_AFTER: tl.constexpr = False,
+    R_TAIL: tl.constexpr = 1, BKA: tl.constexpr = 128,
 ):
     """Two or three projections of the same x (q/k/v, gate/up) in one launch.
 
@@ -233,20 +256,20 @@ def _fused_group_kernel(
                      a0, b0, r0, r0, M, N0, K, KH, RANK, stride_xm, stride_xk, som0, son0,
                      swn0, swk0, san0, sak0, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
                      DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE,
-                     False)
+                     False, AX_AFTER, R_TAIL, BKA)
     elif t < t0 + t1:
         _linear_tile(pid_m, t - t0, x_ptr, o1, bias1, ax1, w1, am1, am21, c21, off1, code1,
                      a1, b1, r1, r1, M, N1, K, KH, RANK, stride_xm, stride_xk, som1, son1,
                      swn1, swk1, san1, sak1, BM, BN, BK, R_PAD, BLOCKSIZE2, IS_NF4,
                      DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT, TABLE,
-                     False)
+                     False, AX_AFTER, R_TAIL, BKA)
     else:
         if NUM_PROJ == 3:
             _linear_tile(pid_m, t - t0 - t1, x_ptr, o2, bias2, ax2, w2, am2, am22, c22, off2,
                          code2, a2, b2, r2, r2, M, N2, K, KH, RANK, stride_xm, stride_xk,
                          som2, son2, swn2, swk2, san2, sak2, BM, BN, BK, R_PAD, BLOCKSIZE2,
                          IS_NF4, DOUBLE_QUANT, HAS_ADAPTER, HAS_BIAS, STORE_AX, FP32_DOT, AX_DOT,
-                         TABLE, False)
+                         TABLE, False, AX_AFTER, R_TAIL, BKA)
 
 
 def _check_projection(x: torch.Tensor, weight, bias, factors, who: str):
@@ -294,7 +317,9 @@ def _meta(weight, factors, bias, ax, x, cfg: KernelConfig):
                 HAS_ADAPTER=factors is not None, HAS_BIAS=bias is not None,
                 STORE_AX=ax is not None, FP32_DOT=x.dtype == torch.float32,
                 AX_DOT=cfg.ax_dot and x.dtype != torch.float32, TABLE=cfg.table_lookup,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+                AX_AFTER=cfg.ax_after, R_TAIL=triton.next_power_of_2(max(rank, 1)),
+                BKA=128, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                enable_fp_fusion=False)
 
 
 def fused_linear(x: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],

@@ -34,7 +34,7 @@ from ..nf4 import NF4Weight
 from ..torch_path import AdapterFactors
 from . import interpreting
 from .configs import GEMV_MAX_M, GemvConfig, gemv_config
-from .tiles import nf4_pointer_args
+from .tiles import nf4_pointer_args, rows_ax
 
 __all__ = ["nf4_gemv", "nf4_gemv_group"]
 
@@ -166,8 +166,8 @@ def _gemv_tile(
 
     out = tl.sum(acc, axis=1)                                        # (BN, M_PAD)
     if HAS_ADAPTER:
-        ax = _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
-                       M_PAD, RANK, R_PAD, BKA)
+        ax = rows_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
+                     M_PAD, RANK, R_PAD, BKA)
     out = _adapter_epilogue(out, ax, br_ptr, rows_ptr, rn, mask_n, M, N, RANK, R_PAD, M_PAD,
                             HAS_ADAPTER, ROW_ADAPTERS)
     _gemv_store(out, out_ptr, y_ptr, bias_ptr, count_ptr, rn, mask_n, M, N, pid_n, pid_k, BN,
@@ -231,31 +231,6 @@ def _step_loads(packed_ptr, absmax_ptr, absmax2_ptr, rn64, mask_n, rb, step_byte
         raw = tl.load(absmax_ptr + blk, mask=mask_b, other=0.0).to(tl.float32)
         group = raw
     return byte, raw, group
-
-
-@triton.jit
-def _slice_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
-              M_PAD: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-              BKA: tl.constexpr):
-    """A x over the K slice [k_lo, k_hi): (M_PAD, R_PAD) fp32. Products accumulate element-wise
-    in a (M_PAD, R_PAD, BKA) tile and are reduced across threads ONCE, after the loop: no
-    cross-thread sum, barrier or shuffle per step (summed inside the weight loop, A x cost a
-    block-wide reduction per step and row of x, a dependent chain that held every step back)."""
-    # (A and x are loaded straight into the 3-D tile's shape, (1, R_PAD, BKA) and
-    # (M_PAD, 1, BKA): 2-D loads broadcast into it went through shared memory every step)
-    rm = tl.arange(0, M_PAD)[:, None, None]
-    rr = tl.arange(0, R_PAD)[None, :, None]
-    rk = tl.arange(0, BKA)[None, None, :]
-    part = tl.zeros((M_PAD, R_PAD, BKA), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BKA):
-        kk = k0 + rk
-        in_k = kk < k_hi
-        a = tl.load(a_ptr + rr * stride_an + kk * stride_ak, mask=(rr < RANK) & in_k,
-                    other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + rm * stride_xm + kk * stride_xk, mask=(rm < M) & in_k,
-                     other=0.0).to(tl.float32)
-        part += xv * a
-    return tl.sum(part, axis=2)
 
 
 @triton.jit

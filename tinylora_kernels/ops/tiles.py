@@ -130,3 +130,34 @@ def adapter_args(factors, dummy):
         return dummy, dummy, dummy, (0, 0)
     return (factors.A, factors.B.to(torch.float32).contiguous(),
             factors.R.to(torch.float32).contiguous(), factors.A.stride())
+
+
+@triton.jit
+def rows_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride_ak,
+            M_PAD: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr, BKA: tl.constexpr):
+    """A x of rows 0..M-1 of x over the K columns [k_lo, k_hi): (M_PAD, R_PAD) fp32.
+
+    Run after a kernel's main loop, not inside it: the products accumulate element-wise in a
+    (M_PAD, R_PAD, BKA) tile and are reduced across threads once, at the end — summed inside
+    the main loop, A x costs a block-wide reduction (barriers, shuffles) every step, a dependent
+    chain each step waits on. Each step first loads the next step's x and A (masked off past
+    the end), so their latency overlaps the step's products. A and x are loaded straight into
+    the tile's shape, (1, R_PAD, BKA) and (M_PAD, 1, BKA): no layout conversion."""
+    rm = tl.arange(0, M_PAD)[:, None, None]
+    rr = tl.arange(0, R_PAD)[None, :, None]
+    rk = tl.arange(0, BKA)[None, None, :]
+    a_ptrs = a_ptr + rr * stride_an + (k_lo + rk) * stride_ak
+    x_ptrs = x_ptr + rm * stride_xm + (k_lo + rk) * stride_xk
+    a = tl.load(a_ptrs, mask=(rr < RANK) & (k_lo + rk < k_hi), other=0.0)
+    xv = tl.load(x_ptrs, mask=(rm < M) & (k_lo + rk < k_hi), other=0.0)
+    part = tl.zeros((M_PAD, R_PAD, BKA), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BKA):
+        in_next = k0 + BKA + rk < k_hi
+        a_next = tl.load(a_ptrs + (k0 + BKA - k_lo) * stride_ak, mask=(rr < RANK) & in_next,
+                         other=0.0)
+        x_next = tl.load(x_ptrs + (k0 + BKA - k_lo) * stride_xk, mask=(rm < M) & in_next,
+                         other=0.0)
+        part += xv.to(tl.float32) * a.to(tl.float32)
+        a = a_next
+        xv = x_next
+    return tl.sum(part, axis=2)
