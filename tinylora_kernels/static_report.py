@@ -444,7 +444,8 @@ def static_report_markdown(data: dict) -> str:
                              f"{st['error'][:120]} |" + " |" * 14)
                 continue
             ldg = ", ".join(f"{k[4:] or '32'}×{v}" for k, v in sorted(
-                (loop.get("global_loads") or {}).items()))
+                (loop.get("global_loads") or {}).items())
+                if k == "LDG" or k.startswith("LDG."))   # (LDGSTS: async; LDGDEPBAR: a wait)
             wipw = "—" if r["warp_instr_per_weight"] is None else \
                 f"{r['warp_instr_per_weight']:.3f}"
             lines.append(
