@@ -28,7 +28,12 @@ if CUDA:
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("m", [1, 3, 17, 65])
-def test_fused_grad_x(m, dtype, double_quant, adapter, rng):
+@pytest.mark.parametrize("gb_after", [True, False], ids=["gB-after-loop", "gB-in-loop"])
+def test_fused_grad_x(m, dtype, double_quant, adapter, gb_after, rng):
+    # g B after the N loop (16-row tiles' default) or reduced inside it (larger tiles)
+    import dataclasses
+
+    from tinylora_kernels.ops.configs import pick_config
     from tinylora_kernels.ops.grad_x import fused_grad_x
 
     n, k, dt = 70, 192, DTYPES[dtype]
@@ -41,7 +46,8 @@ def test_fused_grad_x(m, dtype, double_quant, adapter, rng):
     f = AdapterFactors(*(t.to(KERNEL_DEVICE) for t in (f.A, f.B, f.R))) if adapter else None
     g = torch.randn(m, n, generator=rng).to(dt).to(KERNEL_DEVICE)
     out = torch.full((m, k), float("nan"), dtype=dt, device=KERNEL_DEVICE)
-    gx, gb = fused_grad_x(g, nf4, f, x_dtype=dt, store_gb=True, out=out)
+    cfg = dataclasses.replace(pick_config(m, k, n), ax_after=gb_after)
+    gx, gb = fused_grad_x(g, nf4, f, x_dtype=dt, store_gb=True, out=out, config=cfg)
     assert torch.isfinite(gx).all() and gx.data_ptr() == out.data_ptr()
     W = dequantize_nf4(nf4, torch.float64)
     truth = g.double() @ W

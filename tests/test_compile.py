@@ -78,11 +78,18 @@ _GEMV_LOOP = r'''
 import json, torch
 from tinylora_kernels.compile_check import capture, compile_all, random_nf4, _factors
 from tinylora_kernels.ops.configs import gemv_config, pick_config
-from tinylora_kernels.ops.custom_ops import kernel_forward
+from tinylora_kernels.ops.custom_ops import kernel_forward, kernel_grad_x
 from tinylora_kernels.static_report import sass_stats
 gen = torch.Generator().manual_seed(0)
 w, f = random_nf4(512, 2048, True, gen=gen), _factors(512, 2048, 2, gen)
 out = {}
+for name, factors in (("adapter", f), ("bare", None)):
+    with capture("sm_90") as cap:
+        kernel_grad_x("fused", torch.randn(16, 512).bfloat16(), w, factors,
+                      x_dtype=torch.bfloat16)
+    for c in compile_all(cap.launches, "sm_90", 1):
+        loop = sass_stats(c.cubin)["k_loop"]
+        out[f"grad_x:{name}:16"] = [loop["barriers"], loop["shuffles"], loop["shared_accesses"]]
 for path, m in (("gemv", 1), ("gemv", 4), ("fused", 16)):
     cfg = gemv_config(512, 2048) if path == "gemv" else pick_config(m, 512, 2048)
     for name, factors in (("adapter", f), ("bare", None)):
@@ -99,8 +106,8 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_the_weight_loop_holds_nothing_of_the_adapter(tmp_path):
-    """The GEMV's weight loop, and the fused kernel's K loop at 16-row tiles, synchronize their
-    threads no more with the adapter than without: A x is accumulated per element in a loop of
+    """The GEMV's weight loop, and at 16-row tiles the fused kernel's K loop and grad_x's N loop,
+    synchronize their threads no more with the adapter than without: A x is accumulated per element in a loop of
     its own after the weight loop and reduced once (a block-wide sum per step and row of x
     inside it made every step wait on barriers and shuffles)."""
     import json
@@ -113,5 +120,5 @@ def test_the_weight_loop_holds_nothing_of_the_adapter(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     loops = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("gemv:{}:1", "gemv:{}:4", "fused:{}:16"):
+    for key in ("gemv:{}:1", "gemv:{}:4", "fused:{}:16", "grad_x:{}:16"):
         assert loops[key.format("adapter")] == loops[key.format("bare")], loops

@@ -28,7 +28,7 @@ import triton.language as tl
 from ..nf4 import NF4Weight
 from ..torch_path import AdapterFactors
 from .configs import MAX_RANK, KernelConfig, check_supported, pick_config
-from .tiles import adapter_args, nf4_levels, rows_ax, weight_args, weight_tile
+from .tiles import adapter_args, nf4_levels, padded_rows_ax, weight_args, weight_tile
 
 __all__ = ["fused_linear", "fused_linear_group", "launch_fused_linear"]
 
@@ -116,27 +116,11 @@ def _linear_tile(
                 ax += tl.where(rr[None, :] == i, part[:, None], 0.0)
 
     if HAS_ADAPTER and AX_AFTER and not AX_DOT:
-        ax = _ax_after_loop(ax, x_ptr, a_ptr, pid_m, M, K, stride_xm, stride_xk, stride_an,
-                            stride_ak, BM, RANK, R_PAD, R_TAIL, BKA)
+        ax = padded_rows_ax(ax, x_ptr, a_ptr, pid_m * BM, M, K, stride_xm, stride_xk,
+                            stride_an, stride_ak, BM, RANK, R_PAD, R_TAIL, BKA)
     _linear_epilogue(acc, ax, pid_n, rm, rn, out_ptr, bias_ptr, ax_ptr, b_ptr, r_ptr, rows_ptr,
                      M, N, RANK, stride_om, stride_on, R_PAD, HAS_ADAPTER, HAS_BIAS, STORE_AX,
                      ROW_ADAPTERS)
-
-
-@triton.jit
-def _ax_after_loop(ax, x_ptr, a_ptr, pid_m, M, K, stride_xm, stride_xk, stride_an, stride_ak,
-                   BM: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-                   R_TAIL: tl.constexpr, BKA: tl.constexpr):
-    """``ax`` (BM, R_PAD) plus A x of the tile's rows, formed after the K loop (rows_ax: no
-    reduction inside the loop) as (BM, R_TAIL) and placed into ax's first RANK columns."""
-    tail = rows_ax(x_ptr + pid_m * BM * stride_xm, a_ptr, 0, K, M - pid_m * BM, stride_xm,
-                   stride_xk, stride_an, stride_ak, BM, RANK, R_TAIL, BKA)
-    rt = tl.arange(0, R_TAIL)
-    rr = tl.arange(0, R_PAD)
-    for i in tl.static_range(RANK):
-        col = tl.sum(tl.where(rt[None, :] == i, tail, 0.0), axis=1)
-        ax += tl.where(rr[None, :] == i, col[:, None], 0.0)
-    return ax
 
 
 @triton.jit

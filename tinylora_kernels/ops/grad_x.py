@@ -16,7 +16,7 @@ import triton.language as tl
 from ..nf4 import NF4Weight
 from ..torch_path import AdapterFactors
 from .configs import KernelConfig, check_supported, pick_config
-from .tiles import adapter_args, nf4_levels, weight_args, weight_tile
+from .tiles import adapter_args, nf4_levels, padded_rows_ax, weight_args, weight_tile
 
 __all__ = ["fused_grad_x"]
 
@@ -37,13 +37,16 @@ def _grad_x_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr,
     BLOCKSIZE2: tl.constexpr, IS_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_ADAPTER: tl.constexpr, STORE_GB: tl.constexpr, FP32_DOT: tl.constexpr,
+    GB_AFTER: tl.constexpr = False, R_TAIL: tl.constexpr = 1, BKA: tl.constexpr = 128,
 ):
     """grad_x[M, K] = g[M, N] @ W[N, K] + ((g B) R) A, W read transposed straight from storage.
 
     One (BM, BK) tile of grad_x per program, a loop over N: the W tile of rows n0..n0+BN and this
     program's K columns is decoded as for the forward (even and odd column halves), so the
-    (N, K) weight is never materialized. g B (M x r) is accumulated in the same loop; the
-    programs of the first K tile also write it (fp32) for the gradient of R.
+    (N, K) weight is never materialized. g B (M x r) is accumulated in the same loop, or with
+    ``GB_AFTER`` (16-row tiles) after it by :func:`~.tiles.padded_rows_ax`, leaving the loop
+    nothing of the adapter; the programs of the first K tile also write it (fp32) for the
+    gradient of R.
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BK)
@@ -83,7 +86,7 @@ def _grad_x_kernel(
         else:
             acc_even = tl.dot(g, w_even, acc_even)
             acc_odd = tl.dot(g, w_odd, acc_odd)
-        if HAS_ADAPTER:
+        if HAS_ADAPTER and not GB_AFTER:
             g32 = g.to(tl.float32)
             for i in tl.static_range(RANK):     # unrolled: a loop inside would keep the
                 # N loop from being software-pipelined
@@ -91,16 +94,13 @@ def _grad_x_kernel(
                 part = tl.sum(g32 * b_col[None, :], axis=1)
                 gb += tl.where(rr[None, :] == i, part[:, None], 0.0)
 
+    if HAS_ADAPTER and GB_AFTER:
+        # g B after the loop, B (N, r) read as Bᵀ: no reduction inside the N loop
+        gb = padded_rows_ax(gb, g_ptr, b_ptr, pid_m * BM, M, N, stride_gm, stride_gn, 1, RANK,
+                            BM, RANK, R_PAD, R_TAIL, BKA)
     if HAS_ADAPTER:
-        # + ((g B) R) A: gbr_j = sum_i gb_i R[i, j], then grad_x += gbr_j A[j, :]
-        for j in range(RANK):
-            r_col = tl.load(r_ptr + rr * RANK + j, mask=mask_r, other=0.0)
-            gbr_j = tl.sum(gb * r_col[None, :], axis=1)
-            a_row = a_ptr + j * stride_an
-            a_even = tl.load(a_row + ke * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
-            a_odd = tl.load(a_row + (ke + 1) * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
-            acc_even += gbr_j[:, None] * a_even[None, :]
-            acc_odd += gbr_j[:, None] * a_odd[None, :]
+        acc_even, acc_odd = _add_gbra(acc_even, acc_odd, gb, r_ptr, a_ptr, ke, mask_k, rr,
+                                      mask_r, stride_an, stride_ak, RANK)
         if STORE_GB:
             if pid_k == 0:
                 tl.store(gb_ptr + rm64[:, None] * RANK + rr[None, :], gb,
@@ -110,6 +110,22 @@ def _grad_x_kernel(
     mask = mask_m[:, None] & mask_k[None, :]
     tl.store(rows + ke[None, :] * stride_xk, acc_even.to(dtype), mask=mask)
     tl.store(rows + (ke + 1)[None, :] * stride_xk, acc_odd.to(dtype), mask=mask)
+
+
+@triton.jit
+def _add_gbra(acc_even, acc_odd, gb, r_ptr, a_ptr, ke, mask_k, rr, mask_r, stride_an, stride_ak,
+              RANK: tl.constexpr):
+    """The tile's even and odd columns plus ((g B) R) A: gbr_j = Σ_i gb_i R[i, j], then
+    grad_x += gbr_j A[j, :]."""
+    for j in range(RANK):
+        r_col = tl.load(r_ptr + rr * RANK + j, mask=mask_r, other=0.0)
+        gbr_j = tl.sum(gb * r_col[None, :], axis=1)
+        a_row = a_ptr + j * stride_an
+        a_even = tl.load(a_row + ke * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
+        a_odd = tl.load(a_row + (ke + 1) * stride_ak, mask=mask_k, other=0.0).to(tl.float32)
+        acc_even += gbr_j[:, None] * a_even[None, :]
+        acc_odd += gbr_j[:, None] * a_odd[None, :]
+    return acc_even, acc_odd
 
 
 def fused_grad_x(g: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
@@ -155,6 +171,7 @@ def fused_grad_x(g: torch.Tensor, weight: Union[NF4Weight, torch.Tensor],
             BLOCKSIZE2=weight.blocksize2 if is_nf4 else 256, IS_NF4=is_nf4,
             DOUBLE_QUANT=is_nf4 and weight.double_quant, HAS_ADAPTER=factors is not None,
             STORE_GB=gb is not None, FP32_DOT=g.dtype == torch.float32,
+            GB_AFTER=cfg.ax_after, R_TAIL=triton.next_power_of_2(max(rank, 1)), BKA=128,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     gx = gx.view(*lead, k)
     return (gx, gb) if store_gb else gx

@@ -161,3 +161,20 @@ def rows_ax(x_ptr, a_ptr, k_lo, k_hi, M, stride_xm, stride_xk, stride_an, stride
         a = a_next
         xv = x_next
     return tl.sum(part, axis=2)
+
+
+@triton.jit
+def padded_rows_ax(ax, x_ptr, a_ptr, m0, M, K, stride_xm, stride_xk, stride_an, stride_ak,
+                   BM: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
+                   R_TAIL: tl.constexpr, BKA: tl.constexpr):
+    """``ax`` (BM, R_PAD) plus A x of rows m0..m0+BM-1 of x over all K columns, formed after a
+    kernel's main loop by :func:`rows_ax` as (BM, R_TAIL) and placed into ax's first RANK
+    columns (the tensor-core tiles pad r to 16)."""
+    tail = rows_ax(x_ptr + m0 * stride_xm, a_ptr, 0, K, M - m0, stride_xm, stride_xk,
+                   stride_an, stride_ak, BM, RANK, R_TAIL, BKA)
+    rt = tl.arange(0, R_TAIL)
+    rr = tl.arange(0, R_PAD)
+    for i in tl.static_range(RANK):
+        col = tl.sum(tl.where(rt[None, :] == i, tail, 0.0), axis=1)
+        ax += tl.where(rr[None, :] == i, col[:, None], 0.0)
+    return ax
