@@ -34,6 +34,21 @@ def test_compile_check_refuses_the_interpreter():
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
 
 
+def _compiled_facts(script: str, tmp_path):
+    """The JSON a compile script prints last, run in a fresh process without the interpreter
+    (the real compiler, for sm_90)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _PIPELINED = r'''
 import json, torch
 from tinylora_kernels.compile_check import capture, compile_all, random_nf4, _factors
@@ -59,16 +74,7 @@ def test_the_adapter_keeps_the_main_loop_software_pipelined(tmp_path):
     """With the adapter compiled in, the forward's K loop and grad_x's N loop hold no inner
     loop (the rank loop is unrolled) and load the weight by async copies, as without it: a
     runtime-rank loop inside made Triton load every tile synchronously."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _PIPELINED], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    loops = _compiled_facts(_PIPELINED, tmp_path)
     assert sorted(k for k, _, _ in loops) == ["_fused_linear_kernel", "_grad_x_kernel"]
     for kernel, nested, async_copies in loops:
         assert nested == 0 and async_copies > 0, (kernel, nested, async_copies)
@@ -107,18 +113,9 @@ print(json.dumps(out))
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_the_weight_loop_holds_nothing_of_the_adapter(tmp_path):
     """The GEMV's weight loop, and at 16-row tiles the fused kernel's K loop and grad_x's N loop,
-    synchronize their threads no more with the adapter than without: A x is accumulated per element in a loop of
-    its own after the weight loop and reduced once (a block-wide sum per step and row of x
+    synchronize their threads no more with the adapter than without: A x is accumulated per
+    element in a loop of its own after the weight loop and reduced once (a block-wide sum per step and row of x
     inside it made every step wait on barriers and shuffles)."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _GEMV_LOOP], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loops = json.loads(proc.stdout.strip().splitlines()[-1])
+    loops = _compiled_facts(_GEMV_LOOP, tmp_path)
     for key in ("gemv:{}:1", "gemv:{}:4", "fused:{}:16", "grad_x:{}:16"):
         assert loops[key.format("adapter")] == loops[key.format("bare")], loops

@@ -208,11 +208,8 @@ def test_a_model_call_issues_a_bounded_number_of_operations_per_layer(monkeypatc
 
 
 # -- grouped launch of q/k/v and gate/up ----------------------------------------------------------
-@needs_bnb
-@pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_MISSING)
-def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
-    from tinylora_kernels.ops import fused_linear as fl
-
+def _adapted_one_layer_model():
+    """A one-layer 4-bit Qwen2 (fp16 compute) adapted with a fixed, non-zero v."""
     model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, num_hidden_layers=1,
                        device=KERNEL_DEVICE)
     gp = TinyLoRAGlobalParams(u_dim=4, device=KERNEL_DEVICE, dtype=torch.float32)
@@ -220,6 +217,15 @@ def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
     apply_tiny_lora(model, gp, progress=False)
     with torch.no_grad():
         gp.global_v.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    return model
+
+
+@needs_bnb
+@pytest.mark.skipif(not KERNELS_RUN, reason=KERNELS_MISSING)
+def test_qkv_and_gate_up_share_one_launch_and_match(monkeypatch):
+    from tinylora_kernels.ops import fused_linear as fl
+
+    model = _adapted_one_layer_model()
     launches = []
     real = fl.fused_linear_group
     monkeypatch.setattr(fl, "fused_linear_group",
@@ -254,13 +260,7 @@ def test_decode_qkv_and_gate_up_share_one_gemv_launch(monkeypatch, rows):
     launches per decoder layer instead of 7, each output within the float64 rule."""
     from tinylora_kernels.ops import nf4_gemv as G
 
-    model = tiny_qwen2(quantized=True, compute_dtype=torch.float16, num_hidden_layers=1,
-                       device=KERNEL_DEVICE)
-    gp = TinyLoRAGlobalParams(u_dim=4, device=KERNEL_DEVICE, dtype=torch.float32)
-    torch.manual_seed(0)
-    apply_tiny_lora(model, gp, progress=False)
-    with torch.no_grad():
-        gp.global_v.copy_(torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    model = _adapted_one_layer_model()
     groups = []
     real_group = G.nf4_gemv_group
     monkeypatch.setattr(G, "nf4_gemv_group",
