@@ -19,7 +19,9 @@ Shaped for bandwidth rather than for tensor cores:
 * split over K, each slice stores fp32 partial sums and the slice that finishes last for its
   rows (an arrival count per row tile) adds them in slice order and writes the output — one
   launch per call, and deterministic (same input, same bits); with one slice the GEMV kernel
-  writes the output directly.
+  writes the output directly;
+* projections of one x (q/k/v, gate/up) can share one launch (:func:`nf4_gemv_group`), each
+  tile computed as the single GEMV computes it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .configs import GEMV_MAX_M, GemvConfig, gemv_config
 from .tiles import nf4_pointer_args, rows_ax
 
 __all__ = ["nf4_gemv", "nf4_gemv_group"]
+
 
 # One projection's arguments, in this order (the single and the grouped kernel take them alike):
 #   out_ptr: fp32 partial sums (SPLIT, M, N) (or the output, DIRECT); y_ptr: the output (M, N);
