@@ -4,9 +4,9 @@
 At decode the k and v projections alone cost far less than a launch; launched with q they ride
 along. Grouping is decided once, when ``apply_tiny_lora`` adapts sibling layers of one parent;
 at call time it is used only where the router planned the GEMV or the fused kernel for every
-member, without autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`). The first member
-launches for the whole group and leaves each sibling its output, tagged with the input tensor
-itself (identity and version) and the model call; a sibling called in that same call with that
+member, without autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`).
+The first member launches for the whole group and leaves each sibling its output, tagged with
+the input tensor itself (identity and version) and the model call; a sibling called in that same call with that
 same, unchanged input takes it, anything else computes afresh. Holding the input keeps its memory
 from being reused by another tensor meanwhile.
 """
