@@ -6,9 +6,9 @@ along. Grouping is decided once, when ``apply_tiny_lora`` adapts sibling layers 
 at call time it is used only where the router planned the GEMV or the fused kernel for every
 member, without autograd, within one model call (:mod:`~tinylora_kernels.adapter_state`).
 The first member launches for the whole group and leaves each sibling its output, tagged with
-the input tensor itself (identity and version) and the model call; a sibling called in that same call with that
-same, unchanged input takes it, anything else computes afresh. Holding the input keeps its memory
-from being reused by another tensor meanwhile.
+the input tensor itself (identity and version) and the model call; a sibling called in that
+same call with that same, unchanged input takes it, anything else computes afresh. Holding the
+input keeps its memory from being reused by another tensor meanwhile.
 """
 
 from __future__ import annotations
